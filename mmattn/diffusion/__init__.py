@@ -1,0 +1,1 @@
+"""diffusers integration (BroadWay, AttenCraft)."""

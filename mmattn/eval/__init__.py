@@ -1,0 +1,1 @@
+"""Evaluators (CHAIR, POPE, video, customization) and the evaluation harness."""
