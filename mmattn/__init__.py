@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .edits import AttentionEdit, AttentionStats, MassTransfer, combine_edits
 from .layout import Role, TokenLayout
 from .lvlm import METHODS, AttentionMethod, PatchHandle, create_method, parse_method_spec, patch, register_method
-from .lvlm.methods import RoleBias
+from .lvlm.methods import VAR, RoleBias, RoleBiasConfig, VARConfig
 
 __all__ = [
     "__version__",
@@ -28,4 +28,7 @@ __all__ = [
     "patch",
     "register_method",
     "RoleBias",
+    "RoleBiasConfig",
+    "VAR",
+    "VARConfig",
 ]

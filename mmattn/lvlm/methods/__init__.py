@@ -2,6 +2,7 @@
 
 from .base import METHODS, AttentionMethod, create_method, parse_method_spec, register_method
 from .role_bias import RoleBias, RoleBiasConfig
+from .var import VAR, VARConfig
 
 __all__ = [
     "METHODS",
@@ -11,4 +12,6 @@ __all__ = [
     "register_method",
     "RoleBias",
     "RoleBiasConfig",
+    "VAR",
+    "VARConfig",
 ]
