@@ -311,13 +311,18 @@ def pope_metrics(pairs: Iterable[tuple[bool, bool]]) -> dict[str, float | int]:
 
 
 def score_pope(
-    questions: Sequence[PopeQuestion], answers: Mapping[int | str, str], parser: str = DEFAULT_PARSER
+    questions: Sequence[PopeQuestion],
+    answers: Mapping[int | str, str],
+    parser: str = DEFAULT_PARSER,
+    *,
+    allow_partial: bool = False,
 ) -> dict[str, dict[str, float | int]]:
     """Metrics per split, answers matched to questions by question_id.
 
     Every answer must belong to a question. A split with no answers at all is left out (a combined question
-    file scored on one split's answers); a split with only some questions answered is an error, since its
-    numbers would not be comparable.
+    file scored on one split's answers). A split with only some questions answered is an error unless
+    ``allow_partial`` (its numbers would not be comparable with published ones); then only the answered
+    questions count.
     """
     if parser not in PARSERS:
         raise EvalInputError(f"unknown POPE parser {parser!r}; choose one of {', '.join(PARSERS)}")
@@ -336,14 +341,14 @@ def score_pope(
         answered = [question for question in members if question.question_id in answers]
         if not answered:
             continue
-        if len(answered) != len(members):
+        if len(answered) != len(members) and not allow_partial:
             missing = [question.question_id for question in members if question.question_id not in answers]
             raise EvalInputError(
                 f"split {split!r}: {len(missing)} of {len(members)} questions have no answer "
-                f"(first: {missing[0]!r})"
+                f"(first: {missing[0]!r}); allow_partial (--allow-partial) scores only the answered ones"
             )
         pairs = []
-        for question in members:
+        for question in answered:
             if question.label is None:
                 raise EvalInputError(f"{question.where}: question has no label (pass the label files)")
             pairs.append((predict_yes(answers[question.question_id], question.label, parser), question.label == "yes"))
@@ -358,6 +363,7 @@ def evaluate_pope(
     parser: str = DEFAULT_PARSER,
     *,
     answer_key: str | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, dict[str, float | int]]:
     """Score an answers JSONL against a question file (labels inline, or from ``labels_dir`` as LLaVA does)."""
     if parser not in PARSERS:
@@ -365,7 +371,7 @@ def evaluate_pope(
     loaded = load_questions(questions)
     if labels_dir is not None:
         loaded = attach_labels(loaded, labels_dir)
-    return score_pope(loaded, load_answers(answers, answer_key), parser)
+    return score_pope(loaded, load_answers(answers, answer_key), parser, allow_partial=allow_partial)
 
 
 # ------------------------------------------------------------------------------------------- building
