@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Role", "TokenLayout", "llava_next_newline_offsets"]
+__all__ = ["Role", "TokenLayout", "NextImageGeometry", "llava_next_newline_offsets"]
 
 
 class Role:
@@ -160,19 +160,87 @@ def _run_lengths(sorted_positions: torch.Tensor) -> list[int]:
     return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
 
 
-def llava_next_newline_offsets(config, image_size: tuple[int, int], vision_feature_select_strategy: str) -> tuple[int, list[int]]:
-    """Token count and newline offsets of one LLaVA-NeXT image, computed with transformers' own anyres helpers.
+@dataclass(frozen=True)
+class NextImageGeometry:
+    """Where one LLaVA-NeXT image's features sit in its token run.
 
-    The image run is the base (low-resolution) features, then the unpadded anyres grid row by row with one
+    The run is the base (low-resolution) crop's ``base`` features, then the anyres grid of ``grid_h x grid_w``
+    tiles (``side x side`` patches each), unpadded to ``rows x cols`` patches and read row by row with one
     newline token after every row (``LlavaNextModel.pack_image_features``).
     """
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    base = side * side + (1 if vision_feature_select_strategy == "full" else 0)
-    grid_h, grid_w = get_anyres_image_grid_shape(tuple(int(x) for x in image_size), config.image_grid_pinpoints, vision.image_size)
-    dummy = torch.empty(1, int(grid_h) * side, int(grid_w) * side)
-    rows, cols = unpad_image(dummy, torch.as_tensor(image_size)).shape[1:]
-    newlines = [base + r * (cols + 1) + cols for r in range(rows)]
-    return base + rows * (cols + 1), newlines
+    base: int
+    side: int
+    grid_h: int
+    grid_w: int
+    rows: int
+    cols: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base + self.rows * (self.cols + 1)
+
+    @property
+    def num_crops(self) -> int:
+        return 1 + self.grid_h * self.grid_w
+
+    @property
+    def newline_offsets(self) -> list[int]:
+        return [self.base + r * (self.cols + 1) + self.cols for r in range(self.rows)]
+
+    def crop_patch_offsets(self) -> list[torch.Tensor]:
+        """Per crop (base first, then tiles row-major), each patch's offset in the run; -1 where unpadding cut it.
+
+        Unpadding keeps the centred ``rows x cols`` window: it removes ``(grid - kept) // 2`` patches from each side
+        (``unpad_image``)."""
+        side = self.side
+        crops = [torch.arange(self.base)]
+        top = (self.grid_h * side - self.rows) // 2
+        left = (self.grid_w * side - self.cols) // 2
+        r = torch.arange(side)[:, None]
+        c = torch.arange(side)[None, :]
+        for tile in range(self.grid_h * self.grid_w):
+            ti, tj = divmod(tile, self.grid_w)
+            grid_r, grid_c = ti * side + r - top, tj * side + c - left
+            inside = (grid_r >= 0) & (grid_r < self.rows) & (grid_c >= 0) & (grid_c < self.cols)
+            offset = self.base + grid_r * (self.cols + 1) + grid_c
+            crops.append(torch.where(inside, offset, torch.full_like(offset, -1)).flatten())
+        return crops
+
+    @classmethod
+    def from_image_size(cls, config, image_size, vision_feature_select_strategy: str = "default") -> "NextImageGeometry":
+        """From the image's (height, width), with transformers' own anyres helpers."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        base = side * side + (1 if vision_feature_select_strategy == "full" else 0)
+        grid_h, grid_w = get_anyres_image_grid_shape(tuple(int(x) for x in image_size), config.image_grid_pinpoints, vision.image_size)
+        dummy = torch.empty(1, int(grid_h) * side, int(grid_w) * side)
+        rows, cols = unpad_image(dummy, torch.as_tensor(image_size)).shape[1:]
+        return cls(base, side, int(grid_h), int(grid_w), int(rows), int(cols))
+
+    @classmethod
+    def from_packed_features(cls, config, num_tokens: int, newline_offsets: list[int],
+                             vision_feature_select_strategy: str = "default") -> "NextImageGeometry":
+        """From a packed feature run (when ``image_sizes`` is not at hand, e.g. features encoded by ``generate``).
+
+        Unpadding trims one axis only and by less than a tile, so the untrimmed axis fixes its tile count and the
+        other rounds up."""
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        base = side * side + (1 if vision_feature_select_strategy == "full" else 0)
+        rows = len(newline_offsets)
+        if rows == 0:
+            return cls(base, side, 0, 0, 0, 0)
+        cols = (num_tokens - base) // rows - 1
+        geometry = cls(base, side, -(-rows // side), -(-cols // side), rows, cols)
+        if geometry.num_tokens != num_tokens or geometry.newline_offsets != list(newline_offsets):
+            raise ValueError("LLaVA-NeXT image features do not have the base + rows x (cols + newline) layout")
+        return geometry
+
+
+def llava_next_newline_offsets(config, image_size: tuple[int, int], vision_feature_select_strategy: str) -> tuple[int, list[int]]:
+    """Token count and newline offsets of one LLaVA-NeXT image of the given (height, width)."""
+    geometry = NextImageGeometry.from_image_size(config, image_size, vision_feature_select_strategy)
+    return geometry.num_tokens, geometry.newline_offsets

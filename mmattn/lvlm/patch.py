@@ -18,7 +18,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 from .. import kernels
 from ..edits import AttentionEdit, AttentionStats, combine_edits
-from ..layout import TokenLayout, llava_next_newline_offsets
+from ..layout import NextImageGeometry, TokenLayout
 from .methods.base import AttentionMethod
 
 __all__ = ["ATTENTION_NAME", "patch", "PatchHandle", "PatchContext", "AttentionCall", "SUPPORTED_MODELS"]
@@ -77,6 +77,10 @@ class PatchContext:
     num_layers: int = 0
     state: dict[str, Any] = field(default_factory=dict)  # free per-method storage, reset by the methods
     model_kind: str = "llava"
+    prompt_ids: torch.Tensor | None = None  # input_ids of the current request's prompt
+    request_kwargs: dict[str, Any] = field(default_factory=dict)  # the prefill forward's arguments
+    image_geometry: list | None = None  # LLaVA-NeXT: per sample, per image, its NextImageGeometry
+    bypass: bool = False  # True while a method runs an auxiliary forward that must see plain attention
 
     @property
     def config(self):
@@ -84,12 +88,16 @@ class PatchContext:
 
     # Called by the forward pre-hook on the multimodal model.
     def _on_forward(self, kwargs: dict[str, Any]) -> None:
+        if self.bypass:
+            return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         if past:
             self.step += 1
             return
         self.step = 0
+        self.prompt_ids = kwargs.get("input_ids")
+        self.request_kwargs = kwargs
         self.layout = self._build_layout(kwargs)
         for method in self.methods:
             method.begin_request(self)
@@ -106,22 +114,22 @@ class PatchContext:
         if attention_mask is not None:
             is_image &= attention_mask.bool()
         per_sample = is_image.sum(dim=1).tolist()
-        if self.model_kind == "llava_next" and kwargs.get("image_sizes") is not None and any(per_sample):
-            strategy = getattr(config, "vision_feature_select_strategy", "default")
-            sizes = kwargs["image_sizes"].tolist()
-            images = [llava_next_newline_offsets(config, tuple(s), strategy) for s in sizes]
+        self.image_geometry = None
+        geometries = self._llava_next_geometries(kwargs) if self.model_kind == "llava_next" and any(per_sample) else None
+        if geometries is not None:
             counts, newlines, cursor = [], [], 0
+            self.image_geometry = []
             for b, total in enumerate(per_sample):
                 counts.append([])
                 newlines.append([])
+                self.image_geometry.append([])
                 while sum(counts[b]) < total:
-                    if cursor >= len(images):
-                        raise ValueError(
-                            f"sample {b} has {total} image tokens but image_sizes describes only {len(images)} images"
-                        )
-                    count, lines = images[cursor]
-                    counts[b].append(count)
-                    newlines[b].append(lines)
+                    if cursor >= len(geometries):
+                        raise ValueError(f"sample {b} has {total} image tokens but only {len(geometries)} images were given")
+                    geometry = geometries[cursor]
+                    counts[b].append(geometry.num_tokens)
+                    newlines[b].append(geometry.newline_offsets)
+                    self.image_geometry[b].append(geometry)
                     cursor += 1
         elif self.model_kind == "llava" and any(per_sample):
             vision = config.vision_config
@@ -137,6 +145,23 @@ class PatchContext:
         return TokenLayout.from_input_ids(
             input_ids, image_token_id, attention_mask, image_token_counts=counts, newline_offsets=newlines
         )
+
+    def _llava_next_geometries(self, kwargs: dict[str, Any]) -> list[NextImageGeometry] | None:
+        """Per image (in batch order), where its features sit; None when neither sizes nor features are at hand."""
+        config = self.config
+        strategy = kwargs.get("vision_feature_select_strategy") or getattr(config, "vision_feature_select_strategy", "default")
+        if kwargs.get("image_sizes") is not None:
+            return [NextImageGeometry.from_image_size(config, tuple(s), strategy) for s in kwargs["image_sizes"].tolist()]
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        features = getattr(encoded, "pooler_output", None)
+        if isinstance(features, (list, tuple)):
+            newline = self.model.model.image_newline if hasattr(self.model, "model") else self.model.image_newline
+            result = []
+            for feature in features:
+                is_newline = (feature == newline.to(feature)).all(dim=-1).nonzero().flatten().tolist()
+                result.append(NextImageGeometry.from_packed_features(config, feature.shape[0], is_newline, strategy))
+            return result
+        return None
 
     def _call_for(self, module, query, key, key_padding) -> AttentionCall:
         batch, num_heads, q_len, _ = query.shape
@@ -262,7 +287,7 @@ def mmattn_attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     context = _CONTEXT_BY_MODULE.get(module)
-    if context is None:
+    if context is None or context.bypass:
         output, _ = kernels.attention(query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask)
         return output, None
     return context.run_attention(module, query, key, value, key_padding, dense_mask, scale, causal), None
@@ -367,6 +392,8 @@ class PatchHandle:
         for method in self.context.methods:
             method.detach(self.context)
         self.context.layout = None
+        self.context.prompt_ids = None
+        self.context.request_kwargs = {}
         self.active = False
 
     def __enter__(self) -> "PatchHandle":
