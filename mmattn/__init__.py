@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .edits import AttentionEdit, AttentionStats, MassTransfer, combine_edits
 from .layout import Role, TokenLayout
 from .lvlm import METHODS, AttentionMethod, PatchHandle, create_method, parse_method_spec, patch, register_method
-from .lvlm.methods import PAINT, VAR, PAINTConfig, RoleBias, RoleBiasConfig, VARConfig
+from .lvlm.methods import PAINT, VAR, VHR, PAINTConfig, RoleBias, RoleBiasConfig, VARConfig, VHRConfig
 
 __all__ = [
     "__version__",
@@ -33,4 +33,6 @@ __all__ = [
     "RoleBiasConfig",
     "VAR",
     "VARConfig",
+    "VHR",
+    "VHRConfig",
 ]

@@ -57,6 +57,9 @@ class AttentionCall:
     key_padding: torch.Tensor | None  # bool [B, kv_len], True on real keys; None = no padding
     query: torch.Tensor  # [B, H, q_len, D], RoPE applied; read-only
     key: torch.Tensor  # [B, Hkv, kv_len, D]; read-only
+    value: torch.Tensor  # [B, Hkv, kv_len, D]; read-only
+    scale: float  # the layer's score scale
+    branch: str = "image"  # "image" for the request itself; another name while a method runs an auxiliary branch
 
     @property
     def query_positions(self) -> torch.Tensor:
@@ -80,6 +83,8 @@ class PatchContext:
     prompt_ids: torch.Tensor | None = None  # input_ids of the current request's prompt
     request_kwargs: dict[str, Any] = field(default_factory=dict)  # the prefill forward's arguments
     image_geometry: list | None = None  # LLaVA-NeXT: per sample, per image, its NextImageGeometry
+    branch: str = "image"  # set by a method while it runs an auxiliary branch through the decoder layers
+    branch_owner: Any = None  # that method: the only one asked for edits on the auxiliary branch
     bypass: bool = False  # True while a method runs an auxiliary forward that must see plain attention
 
     @property
@@ -163,11 +168,11 @@ class PatchContext:
             return result
         return None
 
-    def _call_for(self, module, query, key, key_padding) -> AttentionCall:
+    def _call_for(self, module, query, key, value, key_padding, scale) -> AttentionCall:
         batch, num_heads, q_len, _ = query.shape
         kv_len = key.shape[2]
         roles = None
-        if self.layout is not None:
+        if self.layout is not None and self.branch == "image":
             layout = self.layout
             if layout.roles.device != query.device:
                 layout = self.layout = layout.to(query.device)
@@ -192,12 +197,16 @@ class PatchContext:
             key_padding=key_padding,
             query=query,
             key=key,
+            value=value,
+            scale=scale,
+            branch=self.branch,
         )
 
     def run_attention(self, module, query, key, value, key_padding, dense_mask, scale, causal):
-        call = self._call_for(module, query, key, key_padding)
+        call = self._call_for(module, query, key, value, key_padding, scale)
         edit, projections, askers = None, [], []
-        for method in self.methods:
+        methods = self.methods if self.branch == "image" else [self.branch_owner]
+        for method in methods:
             method_edit = method.edit(self, call)
             if method_edit is None:
                 continue

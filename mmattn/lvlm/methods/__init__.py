@@ -4,6 +4,7 @@ from .base import METHODS, AttentionMethod, create_method, parse_method_spec, re
 from .paint import PAINT, PAINTConfig
 from .role_bias import RoleBias, RoleBiasConfig
 from .var import VAR, VARConfig
+from .vhr import VHR, VHRConfig
 
 __all__ = [
     "METHODS",
@@ -17,4 +18,6 @@ __all__ = [
     "RoleBiasConfig",
     "VAR",
     "VARConfig",
+    "VHR",
+    "VHRConfig",
 ]
