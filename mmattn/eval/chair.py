@@ -337,9 +337,8 @@ def ground_truth_from_coco(
     instance_files = sorted(directory.glob("instances_*.json"))
     caption_files = sorted(directory.glob("captions_*.json"))
     if not instance_files or not caption_files:
-        absent = " and ".join(
-            name for name, files in (("instances_*.json", instance_files), ("captions_*.json", caption_files)) if not files
-        )
+        kinds = (("instances_*.json", instance_files), ("captions_*.json", caption_files))
+        absent = " and ".join(pattern for pattern, files in kinds if not files)
         raise EvalInputError(f"{directory}: no {absent} found (CHAIR needs COCO instances and captions)")
     wanted = None if image_ids is None else set(image_ids)
     objects: dict[int, set[str]] = {}
@@ -357,7 +356,8 @@ def ground_truth_from_coco(
                 name = names.get(annotation.get("category_id"))
                 if name is None:
                     raise EvalInputError(
-                        f"{path}: annotation {annotation.get('id')} has unknown category_id {annotation.get('category_id')!r}"
+                        f"{path}: annotation {annotation.get('id')} has unknown category_id "
+                        f"{annotation.get('category_id')!r}"
                     )
                 node = extractor.synonyms.node_of.get(name)
                 if node is None:

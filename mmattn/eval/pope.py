@@ -225,7 +225,9 @@ def load_answers(path: PathLike, answer_key: str | None = None) -> dict[int | st
         if not isinstance(record[key], str):
             raise EvalInputError(f"{where}: answer {key!r} must be a string, got {type(record[key]).__name__}")
         if question_id in answers:
-            raise EvalInputError(f"{where}: second answer for question_id {question_id!r} (first at {where_of[question_id]})")
+            raise EvalInputError(
+                f"{where}: second answer for question_id {question_id!r} (first at {where_of[question_id]})"
+            )
         answers[question_id] = record[key]
         where_of[question_id] = where
     if not answers:
@@ -329,8 +331,8 @@ def score_pope(
     by_id = {question.question_id: question for question in questions}
     unknown = [question_id for question_id in answers if question_id not in by_id]
     if unknown:
-        shown = ", ".join(repr(question_id) for question_id in unknown[:5])
-        raise EvalInputError(f"{len(unknown)} answers for unknown question ids ({shown}{', ...' if len(unknown) > 5 else ''})")
+        shown = ", ".join(repr(question_id) for question_id in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise EvalInputError(f"{len(unknown)} answers for unknown question ids ({shown})")
     by_split: dict[str, list[PopeQuestion]] = {}
     for question in questions:
         by_split.setdefault(question.split, []).append(question)
@@ -462,26 +464,26 @@ def build_questions(
     questions: list[PopeQuestion] = []
     for image, objects in chosen:
         asked: list[str] = []
-
-        def allowed(name: str) -> bool:
-            return name not in asked and name not in objects
-
         for positive in objects[:positives_per_image]:
             asked.append(positive)
-            questions.append(
-                PopeQuestion(len(questions) + 1, image, _question_text(template, positive, legacy_article), "yes", split)
-            )
-            ranked = by_popularity if split == "popular" else by_co_occurrence.get(positive, []) if split == "adversarial" else []
-            negative = next((name for name in ranked if allowed(name)), None)
+            text = _question_text(template, positive, legacy_article)
+            questions.append(PopeQuestion(len(questions) + 1, image, text, "yes", split))
+            if split == "popular":
+                ranked = by_popularity
+            elif split == "adversarial":
+                ranked = by_co_occurrence.get(positive, [])
+            else:
+                ranked = []
+            excluded = set(objects).union(asked)  # never in the image, never asked twice
+            negative = next((name for name in ranked if name not in excluded), None)
             if negative is None:
-                candidates = [name for name in pool if allowed(name)]
+                candidates = [name for name in pool if name not in excluded]
                 if not candidates:
                     raise EvalInputError(f"no negative object left for image {image!r}: too few distinct objects")
                 negative = rng.choice(candidates)
             asked.append(negative)
-            questions.append(
-                PopeQuestion(len(questions) + 1, image, _question_text(template, negative, legacy_article), "no", split)
-            )
+            text = _question_text(template, negative, legacy_article)
+            questions.append(PopeQuestion(len(questions) + 1, image, text, "no", split))
     return questions
 
 

@@ -25,7 +25,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Score generated captions with CHAIR. Prints one JSON object with CHAIRs, CHAIRi, Recall, "
         "Len, Precision, F1 (fractions; Len = mean tokens per caption after the double-word merge) and n.",
     )
-    chair.add_argument("--captions", required=True, metavar="FILE.jsonl", help="one {image_id, caption} object per line")
+    chair.add_argument(
+        "--captions", required=True, metavar="FILE.jsonl", help="one {image_id, caption} object per line"
+    )
     chair.add_argument(
         "--annotations",
         required=True,
