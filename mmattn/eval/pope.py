@@ -352,7 +352,7 @@ def score_pope(
         pairs = []
         for question in answered:
             if question.label is None:
-                raise EvalInputError(f"{question.where}: question has no label (pass the label files)")
+                raise EvalInputError(f"{question.where}: question has no label (give the label directory: --labels DIR, labels_dir=)")
             pairs.append((predict_yes(answers[question.question_id], question.label, parser), question.label == "yes"))
         results[split] = pope_metrics(pairs)
     return results

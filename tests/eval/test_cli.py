@@ -179,6 +179,14 @@ def test_pope_score_errors(capsys, pope_dir, vector_files, tmp_path):
     )
     assert_user_error(code, out, err, "unknown category 'rare'")
 
+    # A LLaVA-style question file carries no labels: scoring it without --labels must say so.
+    unanswerable = tmp_path / "unlabelled.jsonl"
+    unanswerable.write_text(json.dumps({"question_id": 1, "image": "x.jpg", "text": "?", "category": "random"}) + "\n")
+    one_answer = tmp_path / "one.jsonl"
+    one_answer.write_text(json.dumps({"question_id": 1, "text": "yes"}) + "\n")
+    code, out, err = run(capsys, "eval", "pope-score", "--answers", str(one_answer), "--questions", str(unanswerable))
+    assert_user_error(code, out, err, "question has no label")
+
     code, out, err = run(capsys, "eval", "pope-score", "--answers", str(answers), "--questions", str(tmp_path / "no.json"))
     assert_user_error(code, out, err, "no.json: no such file")
 
