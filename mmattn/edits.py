@@ -153,15 +153,21 @@ class AttentionStats:
     key_mass: torch.Tensor | None = None  # float32 [B, H, Nk]: sum over key_mass_rows of attention
 
 
-def _same_or_none(a, b, what: str):
-    if a is None:
-        return b
-    if b is None:
+def _same_rows(a: torch.Tensor | None, b: torch.Tensor | None, unbounded: int, what: str) -> torch.Tensor | None:
+    """Two edits' row bounds must agree; None means unbounded (``unbounded`` stands in for it)."""
+    if a is None and b is None:
+        return None
+    ta = a if a is not None else torch.full_like(b, unbounded)
+    tb = b if b is not None else torch.full_like(a, unbounded)
+    if ta.shape == tb.shape and torch.equal(ta.to(tb.device), tb):
+        return a if a is not None else b
+    raise ValueError(f"cannot compose two edits that select different query rows ({what})")
+
+
+def _same_key_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape == b.shape and torch.equal(a, b):
         return a
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape == b.shape and torch.equal(a, b):
-            return a
-    raise ValueError(f"cannot compose two edits that select different {what}")
+    raise ValueError("cannot compose two edits that ask for per-key mass over different query rows")
 
 
 def _expand_groups(values: torch.Tensor | None, num_a: int, num_b: int, side: str) -> torch.Tensor | None:
@@ -194,8 +200,8 @@ def combine_edits(a: AttentionEdit | None, b: AttentionEdit | None) -> Attention
     if a.mass_transfer is not None and b.mass_transfer is not None:
         raise ValueError("cannot compose two mass-transfer edits (e.g. VAR twice) in one attention call")
     if (a.modifies_scores or a.head_scale is not None) and (b.modifies_scores or b.head_scale is not None):
-        row_start = _same_or_none(a.row_start, b.row_start, "query rows (row_start)")
-        row_end = _same_or_none(a.row_end, b.row_end, "query rows (row_end)")
+        row_start = _same_rows(a.row_start, b.row_start, 0, "row_start")
+        row_end = _same_rows(a.row_end, b.row_end, torch.iinfo(torch.int64).max, "row_end")
     else:
         active = a if (a.modifies_scores or a.head_scale is not None) else b
         row_start, row_end = active.row_start, active.row_end
@@ -235,7 +241,7 @@ def combine_edits(a: AttentionEdit | None, b: AttentionEdit | None) -> Attention
     if a.key_mass_rows is None or b.key_mass_rows is None:
         key_mass_rows = a.key_mass_rows if a.key_mass_rows is not None else b.key_mass_rows
     else:
-        key_mass_rows = _same_or_none(a.key_mass_rows, b.key_mass_rows, "rows for per-key mass")
+        key_mass_rows = _same_key_rows(a.key_mass_rows, b.key_mass_rows)
     return AttentionEdit(
         key_groups=key_groups,
         num_groups=num_groups,

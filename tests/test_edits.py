@@ -61,6 +61,12 @@ def test_incompatible_edits_raise():
     with pytest.raises(ValueError, match="different query rows"):
         combine_edits(AttentionEdit(head_scale=torch.ones(B, H), row_start=torch.tensor([0, 0])),
                       AttentionEdit(head_scale=torch.ones(B, H), row_start=torch.tensor([3, 3])))
+    with pytest.raises(ValueError, match="different query rows"):  # None means every row, not "don't care"
+        combine_edits(AttentionEdit(head_scale=torch.ones(B, H)),
+                      AttentionEdit(key_bias=torch.zeros(B, 1, N), row_start=torch.tensor([3, 3])))
+    same = combine_edits(AttentionEdit(head_scale=torch.ones(B, H)),
+                         AttentionEdit(key_bias=torch.zeros(B, 1, N), row_start=torch.tensor([0, 0])))
+    assert same.row_start is not None and same.head_scale is not None
     with pytest.raises(ValueError, match="disjoint"):
         MassTransfer(source_groups=(0,), target_groups=(0,), retain=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -90,8 +90,9 @@ def _tile_ranges(pid_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CA
     else:
         n_full = Nk // BLOCK_N
         hi = Nk
-    lo_masked = n_full * BLOCK_N
-    return lo_masked, hi
+    zero = pid_m * 0  # keep both results run-time values even when Nk is specialised to a constant
+    lo_masked = n_full * BLOCK_N + zero
+    return lo_masked, hi + zero
 
 
 @triton.jit
@@ -161,17 +162,17 @@ def _fwd_kernel(
     lo_masked, hi = _tile_ranges(pid_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
     for stage in tl.static_range(2):
         if stage == 0:
-            lo = 0
+            lo = lo_masked * 0
             end = lo_masked
         else:
             lo = lo_masked
             end = hi
+        k_ptrs = k_base + lo.to(tl.int64) * skn + offs_nb[None, :] * skn
+        v_ptrs = v_base + lo.to(tl.int64) * svn + offs_nb[:, None] * svn
         for start_n in tl.range(lo, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + offs_nb
             n_ok = offs_n < Nk
-            k_ptrs = k_base + offs_n[None, :].to(tl.int64) * skn
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * svn
             if stage == 0:
                 if EVEN_D:
                     k = tl.load(k_ptrs)
@@ -204,6 +205,8 @@ def _fwd_kernel(
                     onehot = (gid[:, None] == offs_g[None, :]).to(tl.float16)
                     gacc = tl.dot(p.to(tl.float16), onehot, gacc * alpha[:, None])
             m_i = m_new
+            k_ptrs += BLOCK_N * skn
+            v_ptrs += BLOCK_N * svn
 
     l_ok = l_i > 0
     l_safe = tl.where(l_ok, l_i, 1.0)
@@ -290,16 +293,16 @@ def _mt_pass1_kernel(
         lo_masked, hi = _tile_ranges(pid_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
         for stage in tl.static_range(2):
             if stage == 0:
-                lo = 0
+                lo = lo_masked * 0
                 end = lo_masked
             else:
                 lo = lo_masked
                 end = hi
+            k_ptrs = k_base + lo.to(tl.int64) * skn + offs_nb[None, :] * skn
             for start_n in tl.range(lo, end, BLOCK_N):
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 offs_n = start_n + offs_nb
                 n_ok = offs_n < Nk
-                k_ptrs = k_base + offs_n[None, :].to(tl.int64) * skn
                 if stage == 0:
                     if EVEN_D:
                         k = tl.load(k_ptrs)
@@ -325,6 +328,7 @@ def _mt_pass1_kernel(
                 else:
                     cacc = tl.dot(p.to(tl.float16), member.to(tl.float16), cacc * alpha[:, None])
                 m_i = m_new
+                k_ptrs += BLOCK_N * skn
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         mass = cacc / l_safe[:, None]
         m_src = tl.sum(tl.where(offs_c[None, :] == 0, mass, 0.0), 1)

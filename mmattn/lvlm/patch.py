@@ -206,10 +206,17 @@ class PatchContext:
         call = self._call_for(module, query, key, value, key_padding, scale)
         edit, projections, askers = None, [], []
         methods = self.methods if self.branch == "image" else [self.branch_owner]
+        output_scales = []  # head scales of other methods' row ranges, applied to the output (same math)
         for method in methods:
             method_edit = method.edit(self, call)
             if method_edit is None:
                 continue
+            if edit is not None and _is_head_scale_only(method_edit) and _rows_differ(edit, method_edit):
+                output_scales.append(method_edit)
+                continue
+            if edit is not None and _is_head_scale_only(edit) and _rows_differ(edit, method_edit):
+                output_scales.append(edit)
+                edit = None
             projections = _project_groups(projections, edit, method_edit)
             try:
                 edit = combine_edits(edit, method_edit)
@@ -220,9 +227,36 @@ class PatchContext:
         output, stats = kernels.attention(
             query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask, edit=edit
         )
+        for scale_edit in output_scales:
+            output = _scale_rows(output, scale_edit, call)
         for method, projection in zip(askers, projections):
             method.observe(self, call, _marginal_stats(stats, projection))
         return output
+
+
+def _is_head_scale_only(edit: AttentionEdit) -> bool:
+    return edit.head_scale is not None and not edit.modifies_scores and not (
+        edit.return_lse or edit.return_group_mass or edit.key_mass_rows is not None
+    )
+
+
+def _rows_differ(a: AttentionEdit, b: AttentionEdit) -> bool:
+    def same(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+    return not (same(a.row_start, b.row_start) and same(a.row_end, b.row_end))
+
+
+def _scale_rows(output: torch.Tensor, edit: AttentionEdit, call: AttentionCall) -> torch.Tensor:
+    """Apply a head-scale edit to the attention output ([B, Nq, H, D]) on its own rows."""
+    positions = call.query_positions[None, :]
+    selected = torch.ones(call.batch_size, call.q_len, dtype=torch.bool, device=call.device)
+    if edit.row_start is not None:
+        selected &= positions >= edit.row_start.to(call.device)[:, None]
+    if edit.row_end is not None:
+        selected &= positions < edit.row_end.to(call.device)[:, None]
+    factor = torch.where(selected[:, :, None], edit.head_scale.to(call.device, torch.float32)[:, None, :], 1.0)
+    return (output.float() * factor[..., None]).to(output.dtype)
 
 
 def _bind_forward_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -249,3 +249,23 @@ def test_two_methods_compose_and_each_sees_its_own_group_masses():
         got = recorder.masses[layer][..., Role.IMAGE]
         assert recorder.masses[layer].shape[-1] == Role.COUNT
         torch.testing.assert_close(got.permute(0, 2, 1)[mask], expected.permute(0, 2, 1)[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_methods_compose_or_explain_why_not():
+    model = tiny_llava(layers=5)
+    inputs = llava_inputs(model)
+    var = dict(tau=1.6, min_image_mass=0.0, rho=0.0, sink_dims=(3, 17))
+    with torch.no_grad():
+        with mmattn.patch(model, mmattn.VHR(layers=(1, 3)), mmattn.VAR(**var)) as handle:
+            both = model(**inputs).logits
+            scales = {k: v.clone() for k, v in handle.methods[0].head_scales.items()}
+        with mmattn.patch(model, mmattn.VAR(**var)):
+            only_var = model(**inputs).logits
+        with mmattn.patch(model, mmattn.PAINT(cfg_gamma=1.0, alpha=3.0), mmattn.GIFT(
+                informative_tokens="all", saliency_layers=(1,), enhancement_layers=(2, 3))):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with pytest.raises(ValueError, match="var, paint cannot be combined.*different query rows"):
+            with mmattn.patch(model, mmattn.VAR(**var), mmattn.PAINT(cfg_gamma=1.0)):
+                model(**inputs)
+    assert any((s != 1).any() for s in scales.values())
+    assert not torch.allclose(both, only_var, atol=1e-4), "VHR's head scale applies alongside VAR's transfer"

@@ -1,6 +1,7 @@
 """LVLM methods, one file each; importing this package fills the registry."""
 
 from .base import METHODS, AttentionMethod, create_method, parse_method_spec, register_method
+from .gift import GIFT, GIFTConfig
 from .paint import PAINT, PAINTConfig
 from .role_bias import RoleBias, RoleBiasConfig
 from .var import VAR, VARConfig
@@ -12,6 +13,8 @@ __all__ = [
     "create_method",
     "parse_method_spec",
     "register_method",
+    "GIFT",
+    "GIFTConfig",
     "PAINT",
     "PAINTConfig",
     "RoleBias",
