@@ -117,4 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mmattn.cli` loads this file as __main__: run the package module's main so that its CLIError is
+    # the one subcommands raise.
+    from mmattn.cli import main as package_main
+
+    sys.exit(package_main())
