@@ -167,12 +167,12 @@ def _fwd_kernel(
         else:
             lo = lo_masked
             end = hi
-        k_ptrs = k_base + lo.to(tl.int64) * skn + offs_nb[None, :] * skn
-        v_ptrs = v_base + lo.to(tl.int64) * svn + offs_nb[:, None] * svn
         for start_n in tl.range(lo, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + offs_nb
             n_ok = offs_n < Nk
+            k_ptrs = k_base + offs_n[None, :] * skn
+            v_ptrs = v_base + offs_n[:, None] * svn
             if stage == 0:
                 if EVEN_D:
                     k = tl.load(k_ptrs)
@@ -205,8 +205,6 @@ def _fwd_kernel(
                     onehot = (gid[:, None] == offs_g[None, :]).to(tl.float16)
                     gacc = tl.dot(p.to(tl.float16), onehot, gacc * alpha[:, None])
             m_i = m_new
-            k_ptrs += BLOCK_N * skn
-            v_ptrs += BLOCK_N * svn
 
     l_ok = l_i > 0
     l_safe = tl.where(l_ok, l_i, 1.0)
