@@ -122,3 +122,38 @@ def select_sample(inputs: dict, b: int, images_per_prompt: int = 1) -> dict:
     if "image_sizes" in inputs:
         out["image_sizes"] = inputs["image_sizes"][b : b + 1]
     return out
+
+
+TINY_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "\n", "a", "the", "is", "there", "in", "image",
+              "yes", "no", "dog", "cat", "person", "car", "cup", "dining", "table", "fork", "knife", "please",
+              "describe", "this", "detail.", "answer", "question", "using", "single", "word", "or", "phrase.", "?"]
+
+
+def save_tiny_llava_checkpoint(path, seed: int = 0, layers: int = 2) -> None:
+    """Save a random tiny LLaVA with a working word-level processor, loadable with ``from_pretrained``.
+
+    For harness and CLI tests: the answers are noise, the whole loading / prompting / decoding path is real."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(TINY_WORDS)}
+    for i in range(len(vocab), VOCAB):
+        vocab[f"w{i}" if i != IMAGE_TOKEN_ID else "<image>"] = i
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+        "{% endif %}{% endfor %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=6,
+                               vision_feature_select_strategy="default", chat_template=chat_template,
+                               num_additional_image_tokens=1)
+    model = tiny_llava(seed=seed, layers=layers)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
