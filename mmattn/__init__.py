@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .edits import AttentionEdit, AttentionStats, MassTransfer, combine_edits
 from .layout import Role, TokenLayout
 from .lvlm import METHODS, AttentionMethod, PatchHandle, create_method, parse_method_spec, patch, register_method
-from .lvlm.methods import GIFT, PAINT, VAR, VHR, GIFTConfig, PAINTConfig, RoleBias, RoleBiasConfig, VARConfig, VHRConfig
+from .lvlm.methods import GIFT, PAINT, VAR, VHR, GIFTConfig, PAINTConfig, RoleBias, RoleBiasConfig, TransPrune, TransPruneConfig, VARConfig, VHRConfig, transprune_tflops
 
 __all__ = [
     "__version__",
@@ -33,6 +33,9 @@ __all__ = [
     "PAINTConfig",
     "RoleBias",
     "RoleBiasConfig",
+    "TransPrune",
+    "TransPruneConfig",
+    "transprune_tflops",
     "VAR",
     "VARConfig",
     "VHR",

@@ -86,6 +86,14 @@ class TokenLayout:
         )
         return torch.cat([self.roles, extra], dim=1)
 
+    def select(self, index: torch.Tensor) -> "TokenLayout":
+        """The layout of a compacted sequence: ``index`` [B, L'] holds prompt positions, -1 for padding."""
+        index = index.to(self.roles.device)
+        safe = index.clamp_min(0)
+        roles = torch.where(index >= 0, torch.gather(self.roles, 1, safe), torch.full_like(safe, Role.PAD))
+        image_index = torch.where(index >= 0, torch.gather(self.image_index, 1, safe), torch.full_like(safe, -1))
+        return TokenLayout(roles=roles, image_index=image_index, prompt_length=index.shape[1])
+
     def to(self, device: torch.device | str) -> "TokenLayout":
         return TokenLayout(self.roles.to(device), self.image_index.to(device), self.prompt_length)
 

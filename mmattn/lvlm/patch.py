@@ -83,6 +83,7 @@ class PatchContext:
     prompt_ids: torch.Tensor | None = None  # input_ids of the current request's prompt
     request_kwargs: dict[str, Any] = field(default_factory=dict)  # the prefill forward's arguments
     image_geometry: list | None = None  # LLaVA-NeXT: per sample, per image, its NextImageGeometry
+    sequence_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L'] prompt positions (-1: pad)
     branch: str = "image"  # set by a method while it runs an auxiliary branch through the decoder layers
     branch_owner: Any = None  # that method: the only one asked for edits on the auxiliary branch
     bypass: bool = False  # True while a method runs an auxiliary forward that must see plain attention
@@ -90,6 +91,24 @@ class PatchContext:
     @property
     def config(self):
         return self.model.config
+
+    def layout_at(self, layer_idx: int) -> TokenLayout | None:
+        """The prompt layout as layer ``layer_idx`` sees it (after any token pruning before that layer)."""
+        index = self.sequence_maps.get(layer_idx)
+        if self.layout is None or index is None:
+            return self.layout
+        return self.layout.select(index)
+
+    def at_layer(self, values: torch.Tensor, layer_idx: int, fill) -> torch.Tensor:
+        """Map a per-prompt-position tensor [B, N, ...] to layer ``layer_idx``'s (possibly pruned) positions."""
+        index = self.sequence_maps.get(layer_idx)
+        if index is None:
+            return values
+        index = index.to(values.device)
+        gathered = torch.gather(values, 1, index.clamp_min(0).view(*index.shape, *([1] * (values.dim() - 2))).expand(
+            *index.shape, *values.shape[2:]))
+        pad = (index < 0).view(*index.shape, *([1] * (values.dim() - 2)))
+        return torch.where(pad, torch.as_tensor(fill, dtype=values.dtype, device=values.device), gathered)
 
     # Called by the forward pre-hook on the multimodal model.
     def _on_forward(self, kwargs: dict[str, Any]) -> None:
@@ -101,6 +120,7 @@ class PatchContext:
             self.step += 1
             return
         self.step = 0
+        self.sequence_maps = {}
         self.prompt_ids = kwargs.get("input_ids")
         self.request_kwargs = kwargs
         self.layout = self._build_layout(kwargs)
@@ -173,9 +193,9 @@ class PatchContext:
         kv_len = key.shape[2]
         roles = None
         if self.layout is not None and self.branch == "image":
-            layout = self.layout
-            if layout.roles.device != query.device:
-                layout = self.layout = layout.to(query.device)
+            if self.layout.roles.device != query.device:
+                self.layout = self.layout.to(query.device)
+            layout = self.layout_at(module.layer_idx)
             roles = layout.roles_for(kv_len)
             if roles.shape[0] != batch:
                 raise RuntimeError(

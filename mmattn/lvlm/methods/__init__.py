@@ -4,6 +4,7 @@ from .base import METHODS, AttentionMethod, create_method, parse_method_spec, re
 from .gift import GIFT, GIFTConfig
 from .paint import PAINT, PAINTConfig
 from .role_bias import RoleBias, RoleBiasConfig
+from .transprune import TransPrune, TransPruneConfig, transprune_tflops
 from .var import VAR, VARConfig
 from .vhr import VHR, VHRConfig
 
@@ -19,6 +20,9 @@ __all__ = [
     "PAINTConfig",
     "RoleBias",
     "RoleBiasConfig",
+    "TransPrune",
+    "TransPruneConfig",
+    "transprune_tflops",
     "VAR",
     "VARConfig",
     "VHR",

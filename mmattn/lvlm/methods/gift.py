@@ -184,32 +184,38 @@ class GIFT(AttentionMethod):
             return len(ids)
         return next((index for index, (_, end) in enumerate(spans) if end > cut), len(ids))
 
-    def _accumulate_saliency(self, call) -> None:
-        spans = self._spans
+    def _accumulate_saliency(self, context, call) -> None:
+        layer = call.layer_idx
+        image_at = context.at_layer(self._spans["image"], layer, False)
+        informative_at = context.at_layer(self._spans["informative"], layer, False)
+        prompt_positions = torch.arange(self._spans["image"].shape[1], device=call.device).expand(call.batch_size, -1)
+        positions = context.at_layer(prompt_positions.contiguous(), layer, -1)
         heads_keep = max(1, int(call.num_heads * self.config.head_fraction))
         for b in range(call.batch_size):
-            rows = spans["informative"][b].nonzero().flatten()
-            image = spans["image"][b]
+            rows = informative_at[b].nonzero().flatten()
+            image = image_at[b]
             if rows.numel() == 0 or not image.any():
-                self._raw_saliency.append((b, None))
+                self._raw_saliency.append((b, None, None))
                 continue
             current = _sample_row_probs(call, b, rows)[..., : image.shape[0]][..., image]  # [R, H, V]
             previous = _sample_row_probs(call, b, rows - 1)[..., : image.shape[0]][..., image]
             shift = (current - previous).clamp_min(0)
             top_heads = shift.sum(dim=(0, 2)).topk(heads_keep).indices
-            self._raw_saliency.append((b, shift[:, top_heads].mean(dim=(0, 1))))
+            raw = torch.zeros(self._spans["image"].shape[1], device=call.device)
+            raw[positions[b][image]] = shift[:, top_heads].mean(dim=(0, 1))  # back to prompt positions
+            self._raw_saliency.append((b, raw, positions[b][image]))
 
     def _finish_saliency(self, context, device) -> None:
         roles = context.layout.roles
         saliency = torch.zeros(roles.shape, device=device)
         image = self._spans["image"]
         for b in range(roles.shape[0]):
-            parts = [s for sample, s in self._raw_saliency if sample == b and s is not None]
+            parts = [(raw, kept) for sample, raw, kept in self._raw_saliency if sample == b and raw is not None]
             if not parts:
                 continue
-            raw = torch.zeros(roles.shape[1], device=device)
-            raw[image[b]] = torch.stack(parts).mean(0)
-            saliency[b] = normalised_saliency(raw, image[b])
+            on = torch.zeros(roles.shape[1], dtype=torch.bool, device=device)
+            on[parts[-1][1]] = True  # image tokens still present at the last saliency layer
+            saliency[b] = normalised_saliency(torch.stack([raw for raw, _ in parts]).mean(0), on & image[b])
         self.saliency = saliency
 
     def edit(self, context, call):
@@ -221,7 +227,7 @@ class GIFT(AttentionMethod):
         if call.is_prefill and self._spans is None:
             self._prepare_spans(context, call.device)
         if call.is_prefill and layer in self._saliency_layers:
-            self._accumulate_saliency(call)
+            self._accumulate_saliency(context, call)
             if layer == max(self._saliency_layers):
                 self._finish_saliency(context, call.device)
         if layer not in self._enhancement_layers:
@@ -232,12 +238,13 @@ class GIFT(AttentionMethod):
 
     def _enhancement(self, context, call) -> AttentionEdit:
         cfg = self.config
-        last = context.layout.last_prompt_position.to(call.device)
+        layer = call.layer_idx
+        last = context.layout_at(layer).last_prompt_position.to(call.device)
         rows = last if call.is_prefill else torch.full_like(last, call.kv_len - 1)
         probs = _row_probs(call, rows)  # [B, H, K]
-        image = _pad(self._spans["image"], call.kv_len)
-        query = _pad(self._spans["query"], call.kv_len)
-        log_w = cfg.alpha * _pad(self.saliency, call.kv_len)  # [B, K]
+        image = _pad(context.at_layer(self._spans["image"], layer, False), call.kv_len)
+        query = _pad(context.at_layer(self._spans["query"], layer, False), call.kv_len)
+        log_w = cfg.alpha * _pad(context.at_layer(self.saliency, layer, 0.0), call.kv_len)  # [B, K]
         w = torch.exp(log_w)
         mass_image = (probs * image[:, None].float()).sum(-1)
         mass_query = (probs * query[:, None].float()).sum(-1)

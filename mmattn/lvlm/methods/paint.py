@@ -169,7 +169,7 @@ class PAINT(AttentionMethod):
             return None
         if cfg.reference_first_token_quirk and self._guidance is not None and call.step == 0:
             return None
-        classes = self.key_classes.to(call.device)
+        classes = context.at_layer(self.key_classes.to(call.device), call.layer_idx, NONE)
         if call.kv_len > classes.shape[1]:
             classes = torch.cat([classes, classes.new_full((classes.shape[0], call.kv_len - classes.shape[1]), NONE)], 1)
         gain = torch.zeros(call.batch_size, call.num_heads, 3, device=call.device)
@@ -179,6 +179,6 @@ class PAINT(AttentionMethod):
             key_groups=classes[:, : call.kv_len],
             num_groups=3,
             group_gain=gain,
-            row_start=context.layout.last_prompt_position.to(call.device),
+            row_start=context.layout_at(call.layer_idx).last_prompt_position.to(call.device),
         )
 

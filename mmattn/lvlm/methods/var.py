@@ -124,10 +124,10 @@ class VAR(AttentionMethod):
         return hook
 
     def _detect_sinks(self, context, layer_idx: int, hidden: torch.Tensor) -> None:
-        layout = context.layout
+        layout = context.layout_at(layer_idx)
         roles = layout.roles.to(hidden.device)
         if roles.shape[1] != hidden.shape[1]:
-            raise RuntimeError("VAR saw hidden states that do not match the prompt layout (a pruned sequence?)")
+            raise RuntimeError("VAR saw hidden states that do not match the prompt layout")
         if self.sample_dims is None:
             if self._dims is not None:
                 self.sample_dims = torch.tensor(self._dims, device=hidden.device).expand(hidden.shape[0], -1)
@@ -162,7 +162,7 @@ class VAR(AttentionMethod):
         active = self.has_visual_sink[layer]
         if not bool(active.any()):
             return None  # no visual sink in this layer: VAR does nothing here (spec P9)
-        layout = context.layout
+        layout = context.layout_at(layer)
         key_groups = groups
         if call.kv_len > groups.shape[1]:
             pad = torch.full((groups.shape[0], call.kv_len - groups.shape[1]), OTHER, dtype=groups.dtype, device=groups.device)

@@ -129,7 +129,8 @@ class VHR(AttentionMethod):
                 self._start_text_branch(context, call.device)
             if layer in self._layers:
                 self.head_scales[layer] = None
-                self._image_heads = _heads_at(call, context.layout.last_prompt_position.to(call.device))
+                last = context.layout_at(layer).last_prompt_position.to(call.device)
+                self._image_heads = _heads_at(call, last)
             self._advance_text_branch(context, layer)  # decides self.head_scales[layer] on the way
         scale = self.head_scales.get(layer)
         if scale is None:

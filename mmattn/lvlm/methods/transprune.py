@@ -1,0 +1,288 @@
+"""TransPrune: token-transition pruning of image tokens inside the LLM (arXiv 2507.20630), batched.
+
+At prefill, *token transition variation* (TTV) is accumulated over ``accumulation_layers``: per token and per
+sub-block (attention, FFN) with input ``x`` (after the RMSNorm) and output ``y``,
+``m = |y| / |x|`` times a softmax over the sample's tokens of ``exp(1 - cos(x, y))``. After each layer of
+``prune_layers`` the image tokens are ranked by ``alpha * TTV + (1 - alpha) * IGA`` (both normalised over the
+current image tokens), where IGA (*instruction-guided attention*) is the head- and row-averaged attention mass
+that the tokens after the image put on each image token, computed with the *next* layer's Q/K on the pre-prune
+states — the edit contract's per-key mass statistic, no eager attention. The top ``keep_ratios[k]`` of the
+original image tokens stay, in their order; hidden states, 2D masks, position ids (re-indexed contiguously) and
+RoPE tensors of every later layer are compacted, so later layers' KV caches hold only kept tokens. During decode
+each later layer gets its own RoPE offset and mask.
+
+Layer numbers are 1-indexed as in the paper and its code (``prune after layer 7`` = before ``layers[7]``).
+
+Differences from the released code (spec ``methods-transprune-var.md`` §1.7), on purpose: batched, with per-sample
+keep counts (``floor(N_b * r)`` of each sample's own image tokens), left padding and per-sample masks (T1); the
+TTV softmax runs over each sample's real tokens (the code sums over the whole batch tensor; identical at batch 1);
+several images per sample form one pool (T3); fp32 scores (the code uses fp16); nothing is computed during decode
+(T11). ``direction="one_minus_abs_cos"`` gives the paper's Eq. 2 instead of the code's ``1 - cos`` (T9).
+The final hidden states, and so ``model(...).logits``, cover the compacted sequence.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ... import kernels
+from ...edits import AttentionEdit
+from .base import AttentionMethod, register_method
+
+
+@dataclass
+class TransPruneConfig:
+    accumulation_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12)  # 1-indexed (reference scripts)
+    prune_layers: tuple[int, ...] = (7, 9, 12)  # prune after these layers, 1-indexed
+    keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)  # of the ORIGINAL image tokens ("TransPrune-High")
+    alpha: float = 0.5  # weight of TTV against IGA (paper: 0.5)
+    direction: str = "one_minus_cos"  # the code; "one_minus_abs_cos" is the paper's Eq. 2
+
+    def __post_init__(self) -> None:
+        self.accumulation_layers = tuple(int(x) for x in self.accumulation_layers)
+        self.prune_layers = tuple(int(x) for x in self.prune_layers)
+        self.keep_ratios = tuple(float(x) for x in self.keep_ratios)
+        if len(self.prune_layers) != len(self.keep_ratios):
+            raise ValueError(f"TransPrune needs one keep ratio per pruning layer, got {self.prune_layers} and {self.keep_ratios}")
+        if list(self.prune_layers) != sorted(set(self.prune_layers)) or min(self.prune_layers, default=1) < 1:
+            raise ValueError(f"TransPrune prune_layers must be increasing 1-indexed layers, got {self.prune_layers}")
+        if any(not 0 < r <= 1 for r in self.keep_ratios) or list(self.keep_ratios) != sorted(self.keep_ratios, reverse=True):
+            raise ValueError(f"TransPrune keep_ratios must be non-increasing fractions in (0, 1], got {self.keep_ratios}")
+        if self.direction not in ("one_minus_cos", "one_minus_abs_cos"):
+            raise ValueError(f"TransPrune direction must be 'one_minus_cos' or 'one_minus_abs_cos', got {self.direction!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"TransPrune alpha must lie in [0, 1], got {self.alpha}")
+
+
+def transition_score(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
+    """One sub-block's TTV term per token: |y|/|x| times a per-sample softmax of exp(1 - cos) over real tokens."""
+    x, y = x.float(), y.float()
+    magnitude = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+    change = 1.0 - (cos.abs() if direction == "one_minus_abs_cos" else cos)
+    share = torch.softmax(change.masked_fill(~valid, float("-inf")), dim=-1)
+    return magnitude * share
+
+
+def transprune_tflops(num_image_tokens: int, config: TransPruneConfig | None = None, *, prune: bool = True,
+                      num_layers: int = 32, hidden: int = 4096, intermediate: int = 11008) -> float:
+    """The paper's FLOP accounting (FastV-style, image tokens only): per layer 4nd^2 + 2n^2d + 3ndm, in TFLOPs.
+
+    With the defaults: 3.82 / 1.56 for LLaVA-1.5-7B (576 tokens) and 20.83 / 8.33 for LLaVA-NeXT-7B (2880)."""
+    config = config or TransPruneConfig()
+    total = 0.0
+    for layer in range(1, num_layers + 1):
+        n = num_image_tokens
+        if prune:
+            for after, ratio in zip(config.prune_layers, config.keep_ratios):
+                if layer > after:
+                    n = int(num_image_tokens * ratio)
+        total += 4 * n * hidden**2 + 2 * n * n * hidden + 3 * n * hidden * intermediate
+    return total / 1e12
+
+
+@register_method
+class TransPrune(AttentionMethod):
+    name = "transprune"
+    Config = TransPruneConfig
+
+    def attach(self, context) -> None:
+        cfg = self.config
+        layers = list(context.language_model.layers)
+        if max(cfg.prune_layers) >= len(layers):
+            raise ValueError(f"TransPrune prunes after layer {max(cfg.prune_layers)} but the text model has {len(layers)} "
+                             "layers (pruning needs a later layer to score with)")
+        if max(cfg.accumulation_layers, default=0) > len(layers):
+            raise ValueError(f"TransPrune accumulation layers {cfg.accumulation_layers} exceed {len(layers)} layers")
+        self._context = context
+        self._layers = layers
+        self._rotary = context.language_model.rotary_emb
+        self._prune_index = {p: k for k, p in enumerate(cfg.prune_layers)}  # layers[p] is the first pruned layer
+        self._first = min(cfg.prune_layers)
+        self._hooks = [layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True, prepend=True)
+                       for i, layer in enumerate(layers) if i >= self._first]
+        for number in cfg.accumulation_layers:
+            layer = layers[number - 1]
+            for name, module in (("x_a", layer.input_layernorm), ("y_a", layer.self_attn),
+                                 ("x_f", layer.post_attention_layernorm), ("y_f", layer.mlp)):
+                self._hooks.append(module.register_forward_hook(self._make_capture(number, name)))
+
+    def detach(self, context) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def begin_request(self, context) -> None:
+        self._state = None
+        layout = context.layout
+        if layout is None or not bool(layout.image.any()):
+            return  # text-only prompts are not pruned (reference D)
+        valid = layout.valid
+        self._state = {
+            "map": torch.arange(layout.prompt_length, device=valid.device).expand(layout.batch_size, -1).clone(),
+            "valid": valid.clone(),
+            "ttv": torch.zeros(valid.shape, device=valid.device),
+            "captured": {},
+            "original_images": layout.image.sum(1),
+            "removed": {},  # layer index -> [B] tokens removed before it
+            "masks": {},  # layer index -> [B, L'] prompt mask at that layer
+            "kept": [],  # per stage: [B, N] bool over prompt positions, the image tokens still present
+            "position_ids": None,
+            "rope": None,
+        }
+
+    # ---------------------------------------------------------------------------------------------- TTV
+    def _make_capture(self, number: int, name: str):
+        def hook(module, args, output):
+            state = self._state
+            context = self._context
+            if state is None or context.step != 0 or context.branch != "image":
+                return None
+            value = output[0] if isinstance(output, tuple) else output
+            captured = state["captured"].setdefault(number, {})
+            captured[name] = value.detach()
+            if name == "y_f":
+                valid = state["valid"].to(value.device)
+                ttv = transition_score(captured["x_a"], captured["y_a"], valid, self.config.direction)
+                ttv = ttv + transition_score(captured["x_f"], value, valid, self.config.direction)
+                state["ttv"] = state["ttv"].to(value.device) + ttv.masked_fill(~valid, 0.0)
+                state["captured"].pop(number)
+            return None
+
+        return hook
+
+    # -------------------------------------------------------------------------------------- layer hooks
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            state = self._state
+            context = self._context
+            if state is None or context.branch != "image":
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if context.step == 0:
+                if index in self._prune_index:
+                    hidden = self._prune(index, hidden, kwargs)
+                kwargs = {**kwargs, "attention_mask": self._mask(state["valid"]),
+                          "position_ids": state["position_ids"], "position_embeddings": state["rope"]}
+            else:
+                kwargs = self._decode_kwargs(index, hidden, kwargs)
+            context.sequence_maps[index] = state["map"] if context.step == 0 else context.sequence_maps[index]
+            if context.step == 0:
+                state["removed"][index] = state["removed_now"]
+                state["masks"][index] = state["valid"]
+            args = (hidden, *args[1:]) if args else args
+            if not args:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    @staticmethod
+    def _mask(valid: torch.Tensor) -> torch.Tensor | None:
+        return None if bool(valid.all()) else valid
+
+    def _scores(self, index: int, hidden: torch.Tensor, kwargs: dict, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """alpha * TTV + (1 - alpha) * IGA over the current image tokens ([B, L], zero elsewhere)."""
+        layer = self._layers[index]
+        attn = layer.self_attn
+        batch, length, _ = hidden.shape
+        positions = torch.arange(length, device=hidden.device)
+        # Rows after the image block (instruction + template tokens, reference T10); left padding makes them a
+        # suffix of every row of the batch, so only that suffix is projected.
+        image_end = torch.where(image, positions, -1).amax(1) + 1
+        first_row = int(image_end.min())
+        rows = (positions[None, first_row:] >= image_end[:, None]) & valid[:, first_row:]
+        z = layer.input_layernorm(hidden)
+        head_dim = attn.head_dim
+        q = attn.q_proj(z[:, first_row:]).view(batch, length - first_row, -1, head_dim).transpose(1, 2)
+        k = attn.k_proj(z).view(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, _ = rotate(q, q, cos[:, first_row:], sin[:, first_row:])
+        k, _ = rotate(k, k, cos, sin)
+        _, stats = kernels.attention(q, k, k, scale=attn.scaling, causal=True, key_padding=valid,
+                                     edit=AttentionEdit(key_mass_rows=rows))
+        iga = stats.key_mass.float().mean(dim=1) / rows.sum(1, keepdim=True).clamp_min(1)
+        ttv = self._state["ttv"].to(hidden.device)
+
+        def normalise(x: torch.Tensor) -> torch.Tensor:
+            x = torch.where(image, x, torch.zeros_like(x))
+            return x / (x.sum(1, keepdim=True) + 1e-8)
+
+        return self.config.alpha * normalise(ttv) + (1 - self.config.alpha) * normalise(iga)
+
+    def _prune(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        state = self._state
+        device = hidden.device
+        valid = state["valid"].to(device)
+        layout = self._context.layout
+        image = torch.gather(layout.image.to(device), 1, state["map"].clamp_min(0).to(device)) & valid
+        if state["position_ids"] is None:
+            kwargs_rope = kwargs
+        else:
+            kwargs_rope = {"position_embeddings": state["rope"]}
+        scores = self._scores(index, hidden, kwargs_rope, image, valid)
+        ratio = self.config.keep_ratios[self._prune_index[index]]
+        keep_counts = (state["original_images"].to(device).float() * ratio).floor().long()
+        ranked = scores.masked_fill(~image, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device).expand_as(ranked))
+        keep = valid & (~image | (rank < keep_counts[:, None]))
+        counts = keep.sum(1)
+        width = int(counts.max())
+        # Left-padded compaction: sample b's kept positions, in order, right-aligned.
+        order = torch.where(keep, torch.arange(keep.shape[1], device=device), keep.shape[1] + torch.arange(keep.shape[1], device=device))
+        kept_sorted = order.sort(dim=1).values[:, :width]  # kept first, in order
+        slot = torch.arange(width, device=device)[None, :]
+        shift = width - counts[:, None]
+        source = torch.gather(kept_sorted, 1, (slot - shift).clamp_min(0))
+        new_valid = slot >= shift
+        source = torch.where(new_valid, source, torch.zeros_like(source))
+        hidden = torch.gather(hidden, 1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        hidden = hidden * new_valid[..., None].to(hidden.dtype)
+        state["map"] = torch.where(new_valid, torch.gather(state["map"].to(device), 1, source), torch.full_like(source, -1))
+        state["ttv"] = torch.where(new_valid, torch.gather(state["ttv"].to(device), 1, source), torch.zeros_like(source, dtype=torch.float32))
+        state["valid"] = new_valid
+        positions = (new_valid.long().cumsum(1) - 1).clamp_min(0)
+        state["position_ids"] = positions
+        state["rope"] = self._rotary(hidden, position_ids=positions)
+        state["removed_now"] = valid.sum(1) - counts + state.get("removed_before", torch.zeros_like(counts))
+        state["removed_before"] = state["removed_now"]
+        kept_prompt = torch.zeros(layout.roles.shape, dtype=torch.bool, device=device)
+        for b in range(kept_prompt.shape[0]):
+            kept_prompt[b, state["map"][b][new_valid[b]]] = True
+        state["kept"].append(kept_prompt & layout.image.to(device))
+        return hidden
+
+    def _decode_kwargs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        state = self._state
+        removed = state["removed"][index].to(hidden.device)
+        positions = kwargs["position_ids"] - removed[:, None]
+        prompt_mask = state["masks"][index].to(hidden.device)
+        full = kwargs.get("attention_mask")
+        if full is not None and full.dim() == 2:
+            generated = full[:, self._context.layout.prompt_length:].bool()
+            mask = torch.cat([prompt_mask, generated], dim=1)
+        elif full is None:
+            generated = torch.ones(prompt_mask.shape[0], 0, dtype=torch.bool, device=hidden.device)
+            mask = None if bool(prompt_mask.all()) else prompt_mask
+            if mask is not None:
+                past = self._context.step  # tokens generated before this step, plus this one
+                mask = torch.cat([prompt_mask, torch.ones(prompt_mask.shape[0], past, dtype=torch.bool, device=hidden.device)], 1)
+        else:
+            raise RuntimeError("TransPrune needs 2D padding masks (the mmattn attention implementation provides them)")
+        return {**kwargs, "position_ids": positions, "position_embeddings": self._rotary(hidden, position_ids=positions),
+                "attention_mask": mask}
+
+    @property
+    def kept_image_tokens(self) -> list[torch.Tensor]:
+        """Per pruning stage, [B, N] bool over prompt positions: the image tokens kept after that stage."""
+        return [] if self._state is None else list(self._state["kept"])
+
+    def edit(self, context, call):
+        return None  # TransPrune edits the sequence, not the attention scores
+
+
+__all__ = ["TransPrune", "TransPruneConfig", "transprune_tflops", "transition_score"]
