@@ -22,6 +22,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _dec_key_side(
+    offs_n, n_ok, b64, h_r64, sel_r, GID, PAD, GB, GG, KB,
+    s_gid_b, s_gid_n, s_pad_b, s_pad_n, s_gb_b, s_gb_h, s_gb_g, s_gg_b, s_gg_h, s_gg_g, s_kb_b, s_kb_h, s_kb_n,
+    BLOCK_R: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GID: tl.constexpr, HAS_GBIAS: tl.constexpr,
+    HAS_GGAIN: tl.constexpr, HAS_KBIAS: tl.constexpr, HAS_ROWSEL: tl.constexpr,
+):
+    """Per-key data of one key tile for the packed rows: group ids, [rows, keys] bias (log2 units, zero on
+    unselected rows) and gain, and the padding keep-mask. Loaded one tile ahead by the loop."""
+    gid = offs_n * 0
+    if HAS_GID:
+        gid = tl.load(GID + b64 * s_gid_b + offs_n * s_gid_n, mask=n_ok, other=0).to(tl.int32)
+    zero2 = (sel_r[:, None] & n_ok[None, :]).to(tl.float32) * 0.0
+    bias = zero2
+    if HAS_GBIAS:
+        bias += tl.load(GB + b64 * s_gb_b + h_r64[:, None] * s_gb_h + gid[None, :] * s_gb_g).to(tl.float32)
+    if HAS_KBIAS:
+        kb_ptrs = KB + b64 * s_kb_b + h_r64[:, None] * s_kb_h + offs_n[None, :] * s_kb_n
+        bias += tl.load(kb_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    bias = bias * 1.4426950408889634
+    gain = zero2
+    if HAS_GGAIN:
+        gain = tl.load(GG + b64 * s_gg_b + h_r64[:, None] * s_gg_h + gid[None, :] * s_gg_g).to(tl.float32)
+    if HAS_ROWSEL:
+        bias = tl.where(sel_r[:, None], bias, 0.0)
+        gain = tl.where(sel_r[:, None], gain, 0.0)
+    keep = n_ok
+    if HAS_PAD:
+        keep = tl.load(PAD + b64 * s_pad_b + offs_n * s_pad_n, mask=n_ok, other=0) != 0
+    return gid, bias, gain, keep
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, WS, ZS,
     GID, PAD, GB, GG, KB, RS, RE,
@@ -75,38 +107,36 @@ def _decode_split_kernel(
 
     n_lo = pid_s * chunk
     n_hi = tl.minimum(n_lo + chunk, Nk)
+    nx_gid, nx_bias, nx_gain, nx_keep = _dec_key_side(
+        n_lo + offs_nb, (n_lo + offs_nb) < n_hi, b64, h_r64, sel_r, GID, PAD, GB, GG, KB,
+        s_gid_b, s_gid_n, s_pad_b, s_pad_n, s_gb_b, s_gb_h, s_gb_g, s_gg_b, s_gg_h, s_gg_g, s_kb_b, s_kb_h, s_kb_n,
+        BLOCK_R, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS, HAS_ROWSEL,
+    )
     for start_n in tl.range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_nb
         n_ok = offs_n < n_hi
+        gid = nx_gid
+        bias = nx_bias
+        gain = nx_gain
+        keep = nx_keep
+        nx_gid, nx_bias, nx_gain, nx_keep = _dec_key_side(
+            offs_n + BLOCK_N, (offs_n + BLOCK_N) < n_hi, b64, h_r64, sel_r, GID, PAD, GB, GG, KB,
+            s_gid_b, s_gid_n, s_pad_b, s_pad_n, s_gb_b, s_gb_h, s_gb_g, s_gg_b, s_gg_h, s_gg_g, s_kb_b, s_kb_h,
+            s_kb_n, BLOCK_R, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS, HAS_ROWSEL,
+        )
         k = tl.load(k_base + offs_n[None, :].to(tl.int64) * skn, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PREC)
         z = qk * scale2
-        gid = offs_n * 0
-        if HAS_GID:
-            gid = tl.load(GID + b64 * s_gid_b + offs_n * s_gid_n, mask=n_ok, other=0).to(tl.int32)
         if HAS_GGAIN:
-            gain = tl.load(GG + b64 * s_gg_b + h_r64[:, None] * s_gg_h + gid[None, :] * s_gg_g).to(tl.float32)
-            extra = gain * tl.abs(z)
-            if HAS_ROWSEL:
-                extra = tl.where(sel_r[:, None], extra, 0.0)
-            z = z + extra
+            z = z + gain * tl.abs(z)
         if HAS_GBIAS or HAS_KBIAS:
-            bias = z * 0.0
-            if HAS_GBIAS:
-                bias += tl.load(GB + b64 * s_gb_b + h_r64[:, None] * s_gb_h + gid[None, :] * s_gb_g).to(tl.float32)
-            if HAS_KBIAS:
-                kb_ptrs = KB + b64 * s_kb_b + h_r64[:, None] * s_kb_h + offs_n[None, :] * s_kb_n
-                bias += tl.load(kb_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
-            bias = bias * 1.4426950408889634
-            if HAS_ROWSEL:
-                bias = tl.where(sel_r[:, None], bias, 0.0)
             z = z + bias
         valid = n_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= pos_r[:, None])
         if HAS_PAD:
-            valid = valid & (tl.load(PAD + b64 * s_pad_b + offs_n * s_pad_n, mask=n_ok, other=0) != 0)[None, :]
+            valid = valid & keep[None, :]
         z = tl.where(valid, z, float("-inf"))
         if KEY_MASS:
             tl.store(ZS + rid[:, None] * Nk + offs_n[None, :], z, mask=r_ok[:, None] & n_ok[None, :])

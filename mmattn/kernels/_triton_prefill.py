@@ -29,36 +29,48 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _edited_logits(
-    qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt,
-    gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
-    src_bits, tgt_bits,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_GID: tl.constexpr,
-    HAS_GBIAS: tl.constexpr, HAS_GGAIN: tl.constexpr, HAS_KBIAS: tl.constexpr, HAS_ROWSEL: tl.constexpr,
-    HAS_MT: tl.constexpr,
+def _key_side(
+    offs_n, n_ok, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
+    HAS_PAD: tl.constexpr, HAS_GID: tl.constexpr, HAS_GBIAS: tl.constexpr, HAS_GGAIN: tl.constexpr,
+    HAS_KBIAS: tl.constexpr,
 ):
-    """Edited, masked logits (log2 domain) of one [rows, keys] tile whose head is fixed.
+    """Per-key data of one key tile: group id, additive bias (log2 units), |s| gain, padding keep-mask.
 
-    Per-key quantities (group id, padding, bias tables) are 1-D loads of the key tile; per-row quantities
-    (position, selection, mass-transfer weights) are 1-D vectors over the rows.
+    The loops load it one tile ahead: Triton does not software-pipeline these loads, so issuing them a tile
+    early hides their latency behind the current tile's matrix products.
     """
-    z = qk * scale2
     gid = offs_n * 0
     if HAS_GID:
         gid = tl.load(gid_ptr + offs_n * s_gid_n, mask=n_ok, other=0).to(tl.int32)
+    bias = offs_n.to(tl.float32) * 0.0
+    if HAS_GBIAS:
+        bias += tl.load(gb_ptr + gid * s_gb_g).to(tl.float32)
+    if HAS_KBIAS:
+        bias += tl.load(kb_ptr + offs_n * s_kb_n, mask=n_ok, other=0.0).to(tl.float32)
+    bias = bias * 1.4426950408889634
+    gain = offs_n.to(tl.float32) * 0.0
     if HAS_GGAIN:
         gain = tl.load(gg_ptr + gid * s_gg_g).to(tl.float32)
+    keep = n_ok
+    if HAS_PAD:
+        keep = tl.load(pad_ptr + offs_n * s_pad_n, mask=n_ok, other=0) != 0
+    return gid, bias, gain, keep
+
+
+@triton.jit
+def _apply_edits(
+    qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt, gid, bias, gain, keep, src_bits, tgt_bits,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GGAIN: tl.constexpr, HAS_ROWSEL: tl.constexpr, HAS_MT: tl.constexpr,
+):
+    """Edited, masked logits (log2 domain) of one [rows, keys] tile whose head is fixed."""
+    z = qk * scale2
+    if HAS_GGAIN:
         extra = gain[None, :] * tl.abs(z)
         if HAS_ROWSEL:
             extra = tl.where(sel_m[:, None], extra, 0.0)
         z = z + extra
-    if HAS_GBIAS or HAS_KBIAS:
-        bias = offs_n.to(tl.float32) * 0.0
-        if HAS_GBIAS:
-            bias += tl.load(gb_ptr + gid * s_gb_g).to(tl.float32)
-        if HAS_KBIAS:
-            bias += tl.load(kb_ptr + offs_n * s_kb_n, mask=n_ok, other=0.0).to(tl.float32)
-        bias = bias * 1.4426950408889634
+    if HAS_BIAS:
         if HAS_ROWSEL:
             z = z + tl.where(sel_m[:, None], bias[None, :], 0.0)
         else:
@@ -69,13 +81,12 @@ def _edited_logits(
             valid = valid & (offs_n[None, :] <= pos_m[:, None])
         z = tl.where(valid, z, float("-inf"))
     if HAS_PAD:
-        keep = tl.load(pad_ptr + offs_n * s_pad_n, mask=n_ok, other=0) != 0
         z = tl.where(keep[None, :], z, float("-inf"))
     if HAS_MT:
         is_src = ((src_bits >> gid) & 1) != 0
         is_tgt = ((tgt_bits >> gid) & 1) != 0
         z = z + tl.where(is_src[None, :], lw_src[:, None], tl.where(is_tgt[None, :], lw_tgt[:, None], 0.0))
-    return z, gid
+    return z
 
 
 @triton.jit
@@ -167,10 +178,22 @@ def _fwd_kernel(
         else:
             lo = lo_masked
             end = hi
+        nx_gid, nx_bias, nx_gain, nx_keep = _key_side(
+            lo + offs_nb, (lo + offs_nb) < Nk, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr,
+            s_gg_g, kb_ptr, s_kb_n, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS,
+        )
         for start_n in tl.range(lo, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + offs_nb
             n_ok = offs_n < Nk
+            gid = nx_gid
+            bias = nx_bias
+            gain = nx_gain
+            keep = nx_keep
+            nx_gid, nx_bias, nx_gain, nx_keep = _key_side(
+                offs_n + BLOCK_N, (offs_n + BLOCK_N) < Nk, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g,
+                gg_ptr, s_gg_g, kb_ptr, s_kb_n, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS,
+            )
             k_ptrs = k_base + offs_n[None, :] * skn
             v_ptrs = v_base + offs_n[:, None] * svn
             if stage == 0:
@@ -184,11 +207,9 @@ def _fwd_kernel(
                 k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             qk = tl.dot(q, k, input_precision=DOT_PREC)
-            z, gid = _edited_logits(
-                qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt,
-                gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
-                src_bits, tgt_bits,
-                stage == 1, CAUSAL, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS, HAS_ROWSEL, HAS_MT,
+            z = _apply_edits(
+                qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt, gid, bias, gain, keep, src_bits, tgt_bits,
+                stage == 1, CAUSAL, HAS_PAD, HAS_GBIAS or HAS_KBIAS, HAS_GGAIN, HAS_ROWSEL, HAS_MT,
             )
             m_new = tl.maximum(m_i, tl.max(z, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -296,11 +317,23 @@ def _mt_pass1_kernel(
             else:
                 lo = lo_masked
                 end = hi
-            k_ptrs = k_base + lo.to(tl.int64) * skn + offs_nb[None, :] * skn
+            nx_gid, nx_bias, nx_gain, nx_keep = _key_side(
+                lo + offs_nb, (lo + offs_nb) < Nk, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr,
+                s_gg_g, kb_ptr, s_kb_n, HAS_PAD, True, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS,
+            )
             for start_n in tl.range(lo, end, BLOCK_N):
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 offs_n = start_n + offs_nb
                 n_ok = offs_n < Nk
+                gid = nx_gid
+                bias = nx_bias
+                gain = nx_gain
+                keep = nx_keep
+                nx_gid, nx_bias, nx_gain, nx_keep = _key_side(
+                    offs_n + BLOCK_N, (offs_n + BLOCK_N) < Nk, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g,
+                    gg_ptr, s_gg_g, kb_ptr, s_kb_n, HAS_PAD, True, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS,
+                )
+                k_ptrs = k_base + offs_n[None, :] * skn
                 if stage == 0:
                     if EVEN_D:
                         k = tl.load(k_ptrs)
@@ -309,11 +342,9 @@ def _mt_pass1_kernel(
                 else:
                     k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
                 qk = tl.dot(q, k, input_precision=DOT_PREC)
-                z, gid = _edited_logits(
-                    qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt,
-                    gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
-                    src_bits, tgt_bits,
-                    stage == 1, CAUSAL, HAS_PAD, True, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS, HAS_ROWSEL, False,
+                z = _apply_edits(
+                    qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt, gid, bias, gain, keep, src_bits, tgt_bits,
+                    stage == 1, CAUSAL, HAS_PAD, HAS_GBIAS or HAS_KBIAS, HAS_GGAIN, HAS_ROWSEL, False,
                 )
                 m_new = tl.maximum(m_i, tl.max(z, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -326,7 +357,6 @@ def _mt_pass1_kernel(
                 else:
                     cacc = tl.dot(p.to(tl.float16), member.to(tl.float16), cacc * alpha[:, None])
                 m_i = m_new
-                k_ptrs += BLOCK_N * skn
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         mass = cacc / l_safe[:, None]
         m_src = tl.sum(tl.where(offs_c[None, :] == 0, mass, 0.0), 1)
@@ -388,6 +418,10 @@ def _key_mass_kernel(
     if HAS_RE:
         re = tl.load(RE + b * s_re)
 
+    gid, bias, gain, keep = _key_side(
+        offs_n, n_ok, gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
+        HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS,
+    )
     count = tl.load(CNT + b).to(tl.int32)
     colsum = tl.zeros([BLOCK_N], tl.float32)
     first_key = pid_n * BLOCK_N
@@ -411,11 +445,9 @@ def _key_mass_kernel(
             if HAS_MT:
                 lw_src = tl.load(LWS + row_base + rows, mask=r_ok, other=0.0)
                 lw_tgt = tl.load(LWT + row_base + rows, mask=r_ok, other=0.0)
-            z, gid = _edited_logits(
-                qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt,
-                gid_ptr, s_gid_n, pad_ptr, s_pad_n, gb_ptr, s_gb_g, gg_ptr, s_gg_g, kb_ptr, s_kb_n,
-                src_bits, tgt_bits,
-                True, CAUSAL, HAS_PAD, HAS_GID, HAS_GBIAS, HAS_GGAIN, HAS_KBIAS, HAS_ROWSEL, HAS_MT,
+            z = _apply_edits(
+                qk, scale2, offs_n, n_ok, pos_m, sel_m, lw_src, lw_tgt, gid, bias, gain, keep, src_bits, tgt_bits,
+                True, CAUSAL, HAS_PAD, HAS_GBIAS or HAS_KBIAS, HAS_GGAIN, HAS_ROWSEL, HAS_MT,
             )
             lse2 = tl.load(LSE + row_base + rows, mask=r_ok, other=float("-inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)

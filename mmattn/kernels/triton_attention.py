@@ -86,6 +86,15 @@ def _aux_config(head_d: int, dtype: torch.dtype) -> PrefillConfig:
     return PrefillConfig(64, 32, 4, 2)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Next power of two (plain Python: ``triton.next_power_of_2`` costs microseconds per call on the host)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -193,7 +202,7 @@ class _EditArgs:
         self.mt = mt
         self.has_gid = edit.key_groups is not None and edit.num_groups > 0 and edit.needs_groups
         self.G = max(int(edit.num_groups), 0)
-        self.G_PAD = max(16, triton.next_power_of_2(max(self.G, 1)))
+        self.G_PAD = max(16, _pow2(max(self.G, 1)))
         if mt is not None:
             self.hm = _as_loadable(mt.heads, dev)
             eps = mt.ratio_eps
@@ -236,7 +245,7 @@ class _EditArgs:
 
 
 def _head_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _pow2(head_dim))
 
 
 def _prefill(query, key, value, scale, causal, key_padding, edit: AttentionEdit):
@@ -265,7 +274,7 @@ def _prefill(query, key, value, scale, causal, key_padding, edit: AttentionEdit)
         lws = torch.empty(batch, num_heads, q_len, dtype=torch.float32, device=dev)
         lwt = torch.empty_like(lws)
         cfg = _aux_config(head_dim, query.dtype)
-        grid = (batch * num_heads, triton.cdiv(q_len, cfg.block_m))
+        grid = (batch * num_heads, _cdiv(q_len, cfg.block_m))
         _pre._mt_pass1_kernel[grid](
             query, key, lws, lwt,
             a.p(a.gid), a.p(a.pad), a.p(a.gb), a.p(a.gg), a.p(a.kb), a.p(a.rs), a.p(a.re), a.p(a.hm), a.p(a.eps_ptr),
@@ -283,7 +292,7 @@ def _prefill(query, key, value, scale, causal, key_padding, edit: AttentionEdit)
         )
 
     cfg = _prefill_config(head_dim, query.dtype, q_len)
-    grid = (batch * num_heads, triton.cdiv(q_len, cfg.block_m))
+    grid = (batch * num_heads, _cdiv(q_len, cfg.block_m))
     _pre._fwd_kernel[grid](
         query, key, value, out, a.p(lse), a.p(gm), a.p(lws), a.p(lwt),
         a.p(a.gid), a.p(a.pad), a.p(a.gb), a.p(a.gg), a.p(a.kb), a.p(a.rs), a.p(a.re), a.p(a.hs),
@@ -305,7 +314,7 @@ def _prefill(query, key, value, scale, causal, key_padding, edit: AttentionEdit)
         counts = rows.sum(dim=1)
         key_mass = torch.empty(batch, num_heads, kv_len, dtype=torch.float32, device=dev)
         kcfg = _aux_config(head_dim, query.dtype)
-        grid = (batch * num_heads, triton.cdiv(kv_len, kcfg.block_n))
+        grid = (batch * num_heads, _cdiv(kv_len, kcfg.block_n))
         _pre._key_mass_kernel[grid](
             query, key, lse, a.p(lws), a.p(lwt), key_mass, order, counts,
             a.p(a.gid), a.p(a.pad), a.p(a.gb), a.p(a.gg), a.p(a.kb), a.p(a.rs), a.p(a.re),
@@ -339,19 +348,20 @@ def _decode(query, key, value, scale, causal, key_padding, edit: AttentionEdit, 
     fp32 = query.dtype == torch.float32
     dot_prec = "ieee" if fp32 else "tf32"
     BLOCK_N = _decode_block_n(HEAD_D, query.dtype)
-    BLOCK_R = max(16, triton.next_power_of_2(q_len * group))
+    BLOCK_R = max(16, _pow2(q_len * group))
     want_key_mass = edit.key_mass_rows is not None
     has_mt = a.mt is not None
     need_g = has_mt or edit.return_group_mass
 
-    n_tiles = triton.cdiv(kv_len, BLOCK_N)
+    n_tiles = _cdiv(kv_len, BLOCK_N)
     if decode_splits is None:
-        target = 2 * _num_sms(dev)
-        splits = max(1, min(triton.cdiv(target, batch * kv_heads), triton.cdiv(kv_len, 256), n_tiles))
+        # Enough programs to keep ~8 per SM in flight (latency hiding), but at least 2 key tiles per split.
+        target = 8 * _num_sms(dev)
+        splits = max(1, min(_cdiv(target, batch * kv_heads), _cdiv(kv_len, 2 * BLOCK_N), n_tiles))
     else:
         splits = max(1, min(int(decode_splits), n_tiles))
-    chunk = triton.cdiv(n_tiles, splits) * BLOCK_N
-    splits = triton.cdiv(kv_len, chunk)
+    chunk = _cdiv(n_tiles, splits) * BLOCK_N
+    splits = _cdiv(kv_len, chunk)
 
     rows = batch * num_heads * q_len
     nacc = 3 if has_mt else 1
@@ -395,7 +405,7 @@ def _decode(query, key, value, scale, causal, key_padding, edit: AttentionEdit, 
         float(mt.min_condition_mass) if mt is not None else 0.0,
         float(mt.max_ratio) if mt is not None else 0.0,
         a.eps_value,
-        S_PAD=triton.next_power_of_2(splits), HEAD_D=HEAD_D, G_PAD=a.G_PAD,
+        S_PAD=_pow2(splits), HEAD_D=HEAD_D, G_PAD=a.G_PAD,
         HAS_RS=a.rs is not None, HAS_RE=a.re is not None, HAS_HS=a.hs is not None, HAS_MT=has_mt,
         HAS_HM=a.hm is not None, HAS_COND_TEST=a.has_cond_test, EPS_PTR=a.eps_ptr is not None,
         NEED_G=need_g, STORE_LSE=edit.return_lse, STORE_GM=edit.return_group_mass, KEY_MASS=want_key_mass,
@@ -407,7 +417,7 @@ def _decode(query, key, value, scale, causal, key_padding, edit: AttentionEdit, 
         kmr = _as_loadable(edit.key_mass_rows, dev)
         key_mass = torch.empty(batch, num_heads, kv_len, dtype=torch.float32, device=dev)
         bn = 16 if _INTERPRET else 256
-        _dec._decode_key_mass_kernel[(triton.cdiv(kv_len, bn), batch * num_heads)](
+        _dec._decode_key_mass_kernel[(_cdiv(kv_len, bn), batch * num_heads)](
             zs, roww, kmr, a.p(a.gid), key_mass,
             kmr.stride(0), kmr.stride(1), _stride(a.gid, 0), _stride(a.gid, 1),
             num_heads, q_len, kv_len, a.src_bits, a.tgt_bits,
