@@ -16,7 +16,7 @@ Outputs (``write_split``): ``instances_{split}.json`` (images, annotations with 
 pixels, area = visible pixel count, segmentation = bbox polygon, iscrowd 0; categories with supercategory),
 ``captions_{split}.json`` (5 captions per image: one detailed caption that names every object, four shorter
 COCO-style ones; only COCO names and CHAIR synonyms are used as object words), PNG images under ``images/``
-and POPE question files. Everything is a pure function of ``(seed, split, index)``: numpy's PCG64 streams are stable across
+and POPE question files (``pope_{random,popular,adversarial}.json``, JSONL like RUCAIBox's). Everything is a pure function of ``(seed, split, index)``: numpy's PCG64 streams are stable across
 numpy versions, so a split is bit-identical wherever it is regenerated.
 
     python -m mmattn.eval.world.generate --out DIR --split val --num 500 --seed 0
@@ -618,13 +618,13 @@ def generate_sample(seed: int, split: str, index: int) -> Sample:
         _, _, drawer, _ = APPEARANCE[name]
         for _attempt in range(20):
             x0, y0, w, h = _place(rng, name, size)
-            # keep earlier objects at least 40% visible, and this one's box off other boxes' centres
+            # keep earlier objects at least 65% visible (large background furniture 40%)
             region = owner[y0:y0 + h, x0:x0 + w]
             ok = True
             for j, obj in enumerate(objects):
                 total = obj["_pixels"]
                 covered = np.count_nonzero(region == j)
-                if (total - covered) < 0.4 * total * (1.0 if APPEARANCE[obj["name"]][3] > 0 else 0.6):
+                if (total - covered) < total * (0.65 if APPEARANCE[obj["name"]][3] > 0 else 0.4):
                     ok = False
                     break
             if ok:
@@ -643,7 +643,7 @@ def generate_sample(seed: int, split: str, index: int) -> Sample:
         owner[y0:y0 + h, x0:x0 + w][mask_all] = len(objects)
         objects.append({"name": name, "_pixels": int(mask_all.sum())})
     # lighting, noise, downsample
-    gain = rng.uniform(0.55, 1.15)
+    gain = rng.uniform(0.7, 1.15)
     canvas = canvas * gain + rng.normal(0.0, 7.0, canvas.shape).astype(np.float32)
     img = canvas.reshape(IMAGE_SIZE, _SS, IMAGE_SIZE, _SS, 3).mean(axis=(1, 3))
     img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -773,13 +773,26 @@ def write_split(out: str, seed: int, split: str, num: int, pope: bool = True) ->
             json.dump(obj, f, separators=(",", ":"))
             f.write("\n")
     if pope:
-        from .quickeval import POPE_KINDS, pope_questions
-
-        for kind in POPE_KINDS:
+        for kind, questions in pope_splits(instances).items():
             with open(os.path.join(out, f"pope_{kind}.json"), "w") as f:
-                for q in pope_questions(instances, kind, seed=0):
-                    f.write(json.dumps({k: q[k] for k in ("question_id", "image", "text", "label")}) + "\n")
+                f.writelines(json.dumps(q.to_record()) + "\n" for q in questions)
     return paths
+
+
+def pope_splits(instances: dict, seed: int = 0) -> dict:
+    """POPE random / popular / adversarial questions for a split, built by the project's builder
+    (:func:`mmattn.eval.pope.build_questions`, RUCAIBox's algorithm, seeded) over every image with at least 3
+    objects; objects in annotation order."""
+    from ..pope import SPLITS, build_questions
+
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    per_image: dict[int, list[str]] = {im["id"]: [] for im in instances["images"]}
+    for a in instances["annotations"]:
+        if names[a["category_id"]] not in per_image[a["image_id"]]:
+            per_image[a["image_id"]].append(names[a["category_id"]])
+    images = [(im["file_name"], per_image[im["id"]]) for im in sorted(instances["images"], key=lambda im: im["id"])]
+    n = sum(len(objs) >= 3 for _, objs in images)
+    return {kind: build_questions(images, kind, seed=seed, num_images=n) for kind in SPLITS}
 
 
 def cooccurrence(samples: list[Sample]) -> tuple[dict[str, int], dict[tuple[str, str], int]]:

@@ -1,4 +1,4 @@
-"""Self-contained checks of the world model: POPE question building, batched generation, quick CHAIR / POPE.
+"""Self-contained checks of the world model: batched generation, quick CHAIR / POPE.
 
 The project's evaluators (``mmattn.eval.chair``, ``mmattn.eval.pope``) are the reference; this module needs
 nothing beyond torch/transformers (no nltk, no pycocotools), so it runs anywhere, including the GPU machine
@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
-from collections import Counter
 from pathlib import Path
 
-__all__ = ["pope_questions", "generate_captions", "answer_questions", "quick_chair", "pope_metrics",
+__all__ = ["generate_captions", "answer_questions", "quick_chair", "pope_metrics",
            "load_synonyms", "caption_objects"]
 
 POPE_KINDS = ("random", "popular", "adversarial")
@@ -32,53 +30,6 @@ def _objects_per_image(instances: dict) -> dict[int, list[str]]:
         if n not in out[a["image_id"]]:
             out[a["image_id"]].append(n)
     return out
-
-
-def pope_questions(instances: dict, kind: str, seed: int = 0, sample_num: int = 3, img_num: int | None = None) -> list[dict]:
-    """POPE questions built like RUCAIBox/POPE (main.py, utils.py) from COCO instances.
-
-    Images with at least ``sample_num`` objects (first ``img_num`` after a seeded shuffle; all if None); per
-    image the first ``sample_num`` objects are positives, each followed by one negative: uniform over the
-    objects of the selected images (random), the most frequent absent one (popular), or the absent one most
-    often co-occurring with the positive (adversarial); random fallback. Template "Is there a {} in the image?".
-    """
-    if kind not in POPE_KINDS:
-        raise ValueError(f"kind must be one of {POPE_KINDS}")
-    rng = random.Random(seed)
-    per_image = _objects_per_image(instances)
-    files = {im["id"]: im["file_name"] for im in instances["images"]}
-    ids = [i for i in sorted(per_image) if len(per_image[i]) >= sample_num]
-    if img_num is not None:
-        ids = rng.sample(ids, min(img_num, len(ids)))
-    freq = Counter(o for i in ids for o in per_image[i])
-    co: dict[str, Counter] = {}
-    for i in ids:
-        for a in per_image[i]:
-            for b in per_image[i]:
-                if a != b:
-                    co.setdefault(a, Counter())[b] += 1
-    pool = sorted(freq)
-    questions, qid = [], 1
-    for i in ids:
-        objs = per_image[i]
-        used: set[str] = set()
-        for pos in objs[:sample_num]:
-            if kind == "popular":
-                cands = [o for o, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
-            elif kind == "adversarial":
-                cands = [o for o, _ in sorted(co.get(pos, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))]
-            else:
-                cands = []
-            neg = next((o for o in cands if o not in objs and o not in used), None)
-            while neg is None or neg in objs or neg in used:
-                neg = rng.choice(pool)
-            used.add(neg)
-            for obj, label in ((pos, "yes"), (neg, "no")):
-                art = "an" if obj[0] in "aeiou" else "a"
-                questions.append({"question_id": qid, "image": files[i], "image_id": i,
-                                  "text": f"Is there {art} {obj} in the image?", "label": label})
-                qid += 1
-    return questions
 
 
 def _batches(items, n):
@@ -234,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         print(e)
     for kind in POPE_KINDS:
-        qs = pope_questions(instances, kind)
+        qs = [json.loads(line) for line in open(os.path.join(os.path.dirname(inst_path), f"pope_{kind}.json"))]
         ans = answer_questions(model, processor, qs, image_dir)
         with open(os.path.join(a.out, f"pope_{kind}.jsonl"), "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in ans)

@@ -104,11 +104,13 @@ class RowBuilder:
             rows.append((i, p + a, [-100] * len(p) + a))
             present = sorted({o["name"] for o in objects})
             absent = [n for n in self.names if n not in present]
-            answers = [k % 2 == 0 for k in range(qa_turns)]
+            answers = [k % 2 == 0 and bool(present) for k in range(qa_turns)]
             rng.shuffle(answers)
+            pos = [present[j] for j in rng.permutation(len(present))] if present else []
+            neg = [absent[j] for j in rng.permutation(len(absent))]
             ids, labels = [], []
             for k, yes in enumerate(answers):
-                name = present[int(rng.integers(len(present)))] if yes else absent[int(rng.integers(len(absent)))]
+                name = pos[k % len(pos)] if yes else neg[k]  # distinct objects where possible
                 q = self.question(rng, name)
                 p = self.prompt_ids(q) if k == 0 else self.turn_ids(q)
                 a = self.answer_ids("yes" if yes else "no")
@@ -116,6 +118,16 @@ class RowBuilder:
                 labels += [-100] * len(p) + a
             rows.append((i, ids, labels))
         return rows
+
+
+def epoch_batches(rows, batch_size: int, rng) -> list[list[int]]:
+    """Shuffled batches, each of one row kind (descriptions or conversations: similar lengths, little padding)."""
+    batches = []
+    for kind in (0, 1):
+        idx = [j for j in range(kind, len(rows), 2)]
+        idx = [idx[k] for k in rng.permutation(len(idx))]
+        batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
 def collate(rows, images_u8, mean, std, device, pad_id: int):
@@ -135,9 +147,10 @@ def collate(rows, images_u8, mean, std, device, pad_id: int):
     return ids.to(device), mask.to(device), labels.to(device), pix
 
 
-def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, epochs: int = 4,
+def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, epochs: int = 6,
           batch_size: int = 64, lr: float = 2e-3, qa_turns: int = 4, data_seed: int = 0, workers: int = 1,
-          log_every: int = 50, max_steps: int | None = None) -> dict:
+          log_every: int = 50, max_steps: int | None = None, max_minutes: float | None = None,
+          amp: bool = True) -> dict:
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -145,7 +158,7 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.time()
 
     vocab = build.vocabulary(data_seed)
@@ -171,8 +184,7 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, 
         images_t = images_t.to(device)
 
     rows_builder = RowBuilder(tokenizer, config.image_seq_length)
-    rows_per_epoch = num_train * 2
-    steps_per_epoch = math.ceil(rows_per_epoch / batch_size)
+    steps_per_epoch = 2 * math.ceil(num_train / batch_size)  # description batches + conversation batches
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     warmup = max(1, int(0.03 * total))
     decay, no_decay = [], []
@@ -184,16 +196,22 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, 
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
 
     step, t_train, history = 0, time.time(), []
+    def out_of_time() -> bool:
+        return bool(max_minutes) and time.time() - t_train > 60 * max_minutes
+
+    running = 0.0
     for epoch in range(epochs):
+        if step >= total or out_of_time():
+            break
         rows = rows_builder.epoch_rows(data_seed, epoch, meta, qa_turns)
-        perm = np.random.default_rng([seed, 11, epoch]).permutation(len(rows))
-        running = 0.0
-        for b in range(steps_per_epoch):
-            if step >= total:
+        batches = epoch_batches(rows, batch_size, np.random.default_rng([seed, 11, epoch]))
+        for batch_idx in batches:
+            if step >= total or out_of_time():
                 break
-            batch = [rows[j] for j in perm[b * batch_size:(b + 1) * batch_size]]
+            batch = [rows[j] for j in batch_idx]
             ids, mask, labels, pix = collate(batch, images_t, mean, std, device, tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,8 +235,8 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 16000, 
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     info = {"seed": seed, "data_seed": data_seed, "device": device, "num_train": num_train, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "qa_turns": qa_turns, "steps": step,
-            "parameters": n_params, "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
+            "batch_size": batch_size, "lr": lr, "amp_bf16": amp, "torch_threads": torch.get_num_threads(), "qa_turns": qa_turns, "steps": step,
+            "planned_steps": total, "parameters": n_params, "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
             "final_loss": history[-1][1] if history else None}
     with open(os.path.join(out, "training_info.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -233,16 +251,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-train", type=int, default=16000)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--qa-turns", type=int, default=4)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes generating the training images")
     p.add_argument("--max-steps", type=int, default=None, help="stop early (smoke tests)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then save")
     a = p.parse_args(argv)
     train(a.out, a.seed, a.device, a.num_train, a.epochs, a.batch_size, a.lr, a.qa_turns, a.data_seed,
-          a.workers, max_steps=a.max_steps)
+          a.workers, a.log_every, max_steps=a.max_steps, max_minutes=a.max_minutes,
+          amp=not a.no_amp)
 
 
 if __name__ == "__main__":
