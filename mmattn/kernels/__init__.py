@@ -6,6 +6,7 @@ otherwise CUDA tensors go to Triton when it is usable and everything else to the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,12 +20,17 @@ BACKENDS = ("exact", "triton")
 
 
 def triton_available() -> tuple[bool, str]:
-    """Whether the Triton kernels can run here, and why not when they cannot."""
+    """Whether the Triton kernels can run here, and why not when they cannot (cached: called per attention)."""
+    return _triton_status(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status(interpret: bool) -> tuple[bool, str]:
     try:
         from . import triton_attention  # noqa: F401
     except ImportError as error:
         return False, f"Triton kernels unavailable: {error}"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret:
         return True, "Triton interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
@@ -55,8 +61,8 @@ def attention(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Edited attention. Shapes and semantics: see :func:`mmattn.kernels.exact.exact_attention`."""
-    backend = backend or selected_backend(query)
-    if backend == "triton":
+    chosen = backend or selected_backend(query)
+    if chosen == "triton":
         ok, why = triton_available()
         if not ok:
             raise RuntimeError(f"MMATTN_KERNEL=triton was requested but {why}; use MMATTN_KERNEL=exact")
@@ -65,8 +71,8 @@ def attention(
         return triton_attention(
             query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask, edit=edit
         )
-    if backend != "exact":
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if chosen != "exact":
+        raise ValueError(f"unknown attention backend {chosen!r}; choose one of {', '.join(BACKENDS)}")
     return exact_attention(
         query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask, edit=edit
     )

@@ -83,7 +83,8 @@ class PatchContext:
     prompt_ids: torch.Tensor | None = None  # input_ids of the current request's prompt
     request_kwargs: dict[str, Any] = field(default_factory=dict)  # the prefill forward's arguments
     image_geometry: list | None = None  # LLaVA-NeXT: per sample, per image, its NextImageGeometry
-    sequence_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L'] prompt positions (-1: pad)
+    sequence_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    _roles_cache: dict = field(default_factory=dict)  # (layer map or None, kv_len) -> roles, for the current forward  # layer -> [B, L'] prompt positions (-1: pad)
     branch: str = "image"  # set by a method while it runs an auxiliary branch through the decoder layers
     branch_owner: Any = None  # that method: the only one asked for edits on the auxiliary branch
     bypass: bool = False  # True while a method runs an auxiliary forward that must see plain attention
@@ -114,6 +115,7 @@ class PatchContext:
     def _on_forward(self, kwargs: dict[str, Any]) -> None:
         if self.bypass:
             return
+        self._roles_cache = {}
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         if past:
@@ -195,8 +197,11 @@ class PatchContext:
         if self.layout is not None and self.branch == "image":
             if self.layout.roles.device != query.device:
                 self.layout = self.layout.to(query.device)
-            layout = self.layout_at(module.layer_idx)
-            roles = layout.roles_for(kv_len)
+            index = self.sequence_maps.get(module.layer_idx)
+            cache_key = (id(index) if index is not None else None, kv_len)
+            roles = self._roles_cache.get(cache_key)
+            if roles is None:
+                roles = self._roles_cache[cache_key] = self.layout_at(module.layer_idx).roles_for(kv_len)
             if roles.shape[0] != batch:
                 raise RuntimeError(
                     f"the prompt layout has batch {roles.shape[0]} but attention sees batch {batch}; "
@@ -350,7 +355,7 @@ def mmattn_attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     context = _CONTEXT_BY_MODULE.get(module)
-    if context is None or context.bypass:
+    if context is None or context.bypass or not context.methods:
         output, _ = kernels.attention(query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask)
         return output, None
     return context.run_attention(module, query, key, value, key_padding, dense_mask, scale, causal), None

@@ -1,0 +1,139 @@
+"""TransPrune on a LLaVA-NeXT-7B-shaped model with random weights (bf16, one GPU): prefill time, peak memory and
+decode tokens/s, unpruned (plain sdpa, and mmattn with no method) against TransPrune-High, at batch 1 and 8.
+
+Images are 672x672 (a 2x2 anyres grid: 2,928 image tokens incl. newlines, as LLaVA-NeXT's prompts).
+
+    python benchmarks/transprune.py --json benchmarks/results/transprune_h200.json --markdown benchmarks/results/transprune_h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import mmattn
+
+
+def llava_next_7b(layers: int | None = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=8192, pad_token_id=0)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default",
+                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlavaNextForConditionalGeneration(config)
+    torch.set_default_dtype(previous)
+    model.eval().set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def inputs_for(model, batch: int) -> dict:
+    from mmattn.layout import NextImageGeometry
+
+    geometry = NextImageGeometry.from_image_size(model.config, (672, 672))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b in range(batch):
+        rows.append([1] + torch.randint(3, 31000, (6,), generator=g).tolist() + [32000] * geometry.num_tokens
+                    + torch.randint(3, 31000, (14 + b % 4,), generator=g).tolist())
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    pixels = torch.randn(batch, geometry.num_crops, 3, 336, 336, generator=g).to(torch.bfloat16)
+    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.cuda(),
+            "image_sizes": torch.tensor([[672, 672]] * batch).cuda(), "image_tokens": geometry.num_tokens}
+
+
+def measure(model, inputs, decode_tokens: int, repeats: int) -> dict:
+    inputs = {k: v for k, v in inputs.items() if k != "image_tokens"}
+
+    def run(new_tokens):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    prefill = min(run(1) for _ in range(repeats))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    full = min(run(decode_tokens + 1) for _ in range(repeats))
+    batch = inputs["input_ids"].shape[0]
+    return {"prefill_s": prefill, "peak_gib": peak, "decode_tokens_per_s": batch * decode_tokens / max(full - prefill, 1e-9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--markdown", required=True)
+    args = parser.parse_args()
+    model = llava_next_7b(args.layers)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        inputs = inputs_for(model, batch)
+        for variant in ("sdpa (unpruned)", "mmattn, no method (unpruned)", "TransPrune-High"):
+            gc.collect()
+            torch.cuda.empty_cache()
+            handle = None
+            if variant.startswith("mmattn"):
+                handle = mmattn.patch(model)
+            elif variant == "TransPrune-High":
+                handle = mmattn.patch(model, mmattn.TransPrune())
+            try:
+                row = {"variant": variant, "batch": batch, "image_tokens": inputs["image_tokens"],
+                       **measure(model, inputs, args.decode_tokens, args.repeats)}
+            except torch.cuda.OutOfMemoryError:
+                row = {"variant": variant, "batch": batch, "error": "out of memory"}
+            finally:
+                if handle is not None:
+                    handle.remove()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": {"gpu": gpu, "date": date, "torch": torch.__version__,
+                                                    "model": "LLaVA-NeXT-7B-shaped, random weights, bf16"},
+                                           "rows": rows}, indent=2))
+    base = {r["batch"]: r for r in rows if r["variant"] == "sdpa (unpruned)" and "error" not in r}
+    lines = [f"LLaVA-NeXT-7B-shaped (random weights, bf16), one 672x672 image per prompt, {gpu}, {date}. "
+             f"TFLOPs (paper accounting, `mmattn.transprune_tflops`): {mmattn.transprune_tflops(2880, prune=False):.2f} "
+             f"-> {mmattn.transprune_tflops(2880):.2f}.", "",
+             "| variant | batch | prefill ms | prefill speed-up vs sdpa | peak GiB | decode tok/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} | | | |")
+            continue
+        b = base.get(r["batch"])
+        speed = f"{b['prefill_s'] / r['prefill_s']:.2f}x" if b else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {1000 * r['prefill_s']:.1f} | {speed} | {r['peak_gib']:.2f} | "
+                     f"{r['decode_tokens_per_s']:.1f} |")
+    Path(args.markdown).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
