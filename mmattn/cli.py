@@ -15,7 +15,7 @@ import sys
 
 # Modules that add subcommands; each exposes register_cli(subparsers). Missing optional extras only hide
 # their commands' functionality, never the whole CLI.
-COMMAND_MODULES = ("mmattn.eval.cli",)
+COMMAND_MODULES = ("mmattn.eval.cli", "mmattn.demos.cli")
 
 
 class CLIError(Exception):
