@@ -29,7 +29,8 @@ from .io import EvalInputError, write_json_atomic, write_jsonl_atomic
 
 CHAIR_PROMPT = "Please describe this image in detail."
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
-DEFAULT_WORLD_CHAIR_N = 100  # offline default subset: finishes well inside 3 minutes on a 2-core CPU
+DEFAULT_WORLD_CHAIR_N = 100  # offline default subsets: each command finishes well inside 3 minutes on a 2-core CPU
+DEFAULT_WORLD_POPE_N = 500  # questions per split (of 2,142): 1,500 questions at ~20/s on 2 CPU cores
 
 
 @dataclass
@@ -354,6 +355,8 @@ def _eval_pope(args: argparse.Namespace) -> int:
         for split in splits:
             questions += load_questions(world.val_pope_path(split), split)
         images = world.val_image_dir()
+        if args.n is None:
+            args.n = DEFAULT_WORLD_POPE_N
     else:
         from .paths import pope_coco_dir
 
@@ -419,7 +422,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     pope.add_argument("--questions", help="question file (default: the official COCO files, or the offline world's)")
     pope.add_argument("--images", help="directory of the questions' image files")
     pope.add_argument("--annotations", help="COCO annotations directory (accepted for symmetry; labels come from the questions)")
-    pope.add_argument("--n", type=int, help="only the first N questions of each split")
+    pope.add_argument("--n", type=int, help=f"only the first N questions of each split (offline world default: {DEFAULT_WORLD_POPE_N})")
     pope.add_argument("--max-new-tokens", type=int, default=16)
     pope.add_argument("--parser", choices=["official", "opera", "vcd"], default="official")
     pope.add_argument("--prompt-suffix", default=POPE_SUFFIX)
