@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import mmattn
+from mmattn.testing import pad_left, random_model
 
 METHODS = {
     "role_bias": lambda: mmattn.RoleBias(image=0.5),
@@ -46,16 +47,7 @@ def llava_7b(layers: int | None = None):
                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlavaForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.eval().set_attn_implementation("sdpa")
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return random_model(LlavaForConditionalGeneration, config)
 
 
 def inputs_for(model, batch: int, seed: int = 0) -> dict:
@@ -65,12 +57,7 @@ def inputs_for(model, batch: int, seed: int = 0) -> dict:
         system = torch.randint(3, 31000, (6,), generator=g).tolist()
         question = torch.randint(3, 31000, (14 + b % 5,), generator=g).tolist()
         rows.append([1] + system + [32000] * 576 + question)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
+    ids, mask = pad_left(rows)
     pixels = torch.randn(batch, 3, 336, 336, generator=g).to(torch.bfloat16)
     return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.cuda()}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import mmattn
+from mmattn.testing import pad_left, random_model
 
 
 def llava_next_7b(layers: int | None = None):
@@ -30,16 +31,7 @@ def llava_next_7b(layers: int | None = None):
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                              vision_feature_select_strategy="default",
                              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlavaNextForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.eval().set_attn_implementation("sdpa")
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return random_model(LlavaNextForConditionalGeneration, config)
 
 
 def inputs_for(model, batch: int) -> dict:
@@ -51,12 +43,7 @@ def inputs_for(model, batch: int) -> dict:
     for b in range(batch):
         rows.append([1] + torch.randint(3, 31000, (6,), generator=g).tolist() + [32000] * geometry.num_tokens
                     + torch.randint(3, 31000, (14 + b % 4,), generator=g).tolist())
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
+    ids, mask = pad_left(rows)
     pixels = torch.randn(batch, geometry.num_crops, 3, 336, 336, generator=g).to(torch.bfloat16)
     return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.cuda(),
             "image_sizes": torch.tensor([[672, 672]] * batch).cuda(), "image_tokens": geometry.num_tokens}

@@ -63,7 +63,25 @@ def tiny_llava_next(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: in
     return model
 
 
-def _pad_left(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def random_model(model_class, config, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
+    """A randomly initialised model built directly on ``device`` in ``dtype`` (7B-shaped benchmarks), sdpa, eval,
+    generating exactly the tokens asked for (no EOS)."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def pad_left(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows with PAD_TOKEN_ID: (input_ids, attention_mask)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,7 +107,7 @@ def llava_inputs(model, text_lengths=(5, 9, 2), images_per_prompt: int = 1, seed
     vision = model.config.vision_config
     per_image = (vision.image_size // vision.patch_size) ** 2
     rows = [_prompt(generator, 2 + b, [per_image] * images_per_prompt, n) for b, n in enumerate(text_lengths)]
-    ids, mask = _pad_left(rows)
+    ids, mask = pad_left(rows)
     pixels = torch.randn(len(rows) * images_per_prompt, 3, vision.image_size, vision.image_size, generator=generator)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
@@ -105,7 +123,7 @@ def llava_next_inputs(model, image_sizes=((16, 32), (32, 24), (20, 20)), text_le
     strategy = config.vision_feature_select_strategy
     counts = [llava_next_newline_offsets(config, size, strategy)[0] for size in image_sizes]
     rows = [_prompt(generator, 1 + b, [c], n) for b, (c, n) in enumerate(zip(counts, text_lengths))]
-    ids, mask = _pad_left(rows)
+    ids, mask = pad_left(rows)
     tile = config.vision_config.image_size
     num_patches = [image_size_to_num_patches(size, config.image_grid_pinpoints, tile) for size in image_sizes]
     pixels = torch.zeros(len(rows), max(num_patches), 3, tile, tile)
