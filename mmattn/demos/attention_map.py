@@ -177,13 +177,13 @@ def model_view(image: Image.Image, image_processor) -> Image.Image:
     return image.crop((round(left), round(top), round(left + view_width), round(top + view_height)))
 
 
-# A perceptually ordered dark-blue -> cyan -> yellow -> red ramp (like matplotlib's "turbo", without matplotlib).
+# A perceptually ordered black -> purple -> orange -> pale yellow ramp (matplotlib's "inferno", without
+# matplotlib): more attention is brighter, which reads correctly when blended over a photo.
 _RAMP = np.array(
-    [[48, 18, 59], [40, 110, 230], [30, 200, 200], [160, 240, 60], [250, 185, 40], [220, 50, 20], [122, 4, 3]],
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+     [252, 255, 164]],
     dtype=np.float64,
 )
-
-
 _DROPPED = np.array([40, 40, 40], dtype=np.float64)  # colour of patches removed by token pruning
 
 
@@ -196,18 +196,21 @@ def _colours(values: np.ndarray) -> np.ndarray:
 
 
 def render_heatmap(view: Image.Image, grid: np.ndarray, vmax: float, size: int = HEATMAP_SIZE,
-                   opacity: float = 0.55, kept: np.ndarray | None = None) -> Image.Image:
+                   opacity: float = 0.55, kept: np.ndarray | None = None, gamma: float = 0.5) -> Image.Image:
     """Overlay ``grid`` (patch masses, row-major over ``view``) on ``view``, scaled so its longer side is ``size``.
 
-    Colours are ``grid / vmax`` so that two heatmaps rendered with the same ``vmax`` are comparable; patches are
-    drawn as blocks (nearest neighbour) because the model attends to whole patches, not to pixels. With ``kept``
-    (a bool grid from token pruning), dropped patches are drawn dark grey instead of coloured.
+    Colours are ``(grid / vmax) ** gamma`` so that two heatmaps rendered with the same ``vmax`` are comparable.
+    The default square root keeps the other patches readable next to a visual sink (one patch holding many times
+    the mass of the rest, typical of LLaVA). Patches are drawn as blocks (nearest neighbour) because the model
+    attends to whole patches, not to pixels. With ``kept`` (a bool grid from token pruning), dropped patches are
+    drawn dark grey instead of coloured.
     """
     width, height = view.size
     scale = size / max(width, height)
     out_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     base = np.asarray(view.convert("RGB").resize(out_size, Image.Resampling.BICUBIC), dtype=np.float64)
-    normalised = np.asarray(grid, dtype=np.float64) / vmax if vmax > 0 else np.zeros_like(grid, dtype=np.float64)
+    grid = np.clip(np.asarray(grid, dtype=np.float64), 0.0, None)
+    normalised = (grid / vmax) ** gamma if vmax > 0 else np.zeros_like(grid)
     colours = _colours(normalised)
     if kept is not None:
         colours = np.where(np.asarray(kept, dtype=bool)[..., None], colours, _DROPPED)
