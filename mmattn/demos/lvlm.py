@@ -167,7 +167,7 @@ def load_upload(path: str | Path) -> Image.Image:
         raise DemoInputError("the uploaded file is gone; upload it again") from None
     if size > MAX_UPLOAD_BYTES:
         raise DemoInputError(f"the image is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -175,7 +175,7 @@ def load_upload(path: str | Path) -> Image.Image:
                 raise DemoInputError(f"{image.format} images are not accepted; use {', '.join(UPLOAD_FORMATS)}")
             if image.width * image.height > MAX_UPLOAD_PIXELS:
                 raise DemoInputError(f"the image is {image.width}x{image.height} pixels; that is too large")
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # phone photos carry their rotation in EXIF
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise DemoInputError("the uploaded file is not an image this demo can read") from None
     except OSError as error:
@@ -452,6 +452,8 @@ class LVLMDemo:
                 "objects": objects,
             }
         final["details"] = details
+        pruned = any(details[key]["kept_patches"] is not None for key in runs)
+        final["attention"] = {key: details[key]["image_attention"] for key in runs} | {"vmax": vmax, "pruned": pruned}
         yield final
 
     # -- the app --------------------------------------------------------------------------------------------
@@ -463,29 +465,17 @@ class LVLMDemo:
 # ------------------------------------------------------------------------------------------- gradio layer
 
 OUTPUT_KEYS = ("baseline", "patched", "baseline_objects", "patched_objects", "baseline_heatmap",
-               "patched_heatmap", "details")
+               "patched_heatmap", "attention", "details")
 
 
-def image_input(**kwargs: Any) -> gr.Image:
-    """A ``gr.Image`` whose decoding failures reach the user as a message.
-
-    Gradio decodes uploads before the event function runs; a file that is not an image would otherwise fail
-    there with a bare "Error" in the browser. The component's ``preprocess`` is wrapped on the instance: a
-    subclass would make gradio write a ``.pyi`` stub next to this module at import time.
-    """
-    from PIL import UnidentifiedImageError
-
-    component = gr.Image(**kwargs)
-    decode = component.preprocess
-
-    def preprocess(payload):
-        try:
-            return decode(payload)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
-            raise gr.Error("the uploaded file is not an image this demo can read", print_exception=False) from None
-
-    component.preprocess = preprocess
-    return component
+def attention_markdown(attention: dict[str, float]) -> str:
+    """How much of the answer's attention went to the image, and what the heatmaps' brightest colour means."""
+    return (
+        f"Attention of the answer on image tokens: baseline **{attention['baseline']:.0%}**, with methods "
+        f"**{attention['patched']:.0%}**. Brighter = more, on one square-root scale for both; the brightest colour "
+        f"is {attention['vmax']:.1%} of the answer's attention on one patch."
+        + (" Grey patches were pruned (kept patches only)." if attention.get("pruned") else "")
+    )
 
 
 def objects_markdown(objects: dict[str, Any] | None) -> str:
@@ -520,15 +510,21 @@ def _build_app(demo: LVLMDemo) -> gr.Blocks:
                 values.append(gr.skip())
             elif key.endswith("_objects"):
                 values.append(objects_markdown(state[key]))
+            elif key == "attention":
+                values.append(attention_markdown(state[key]))
             else:
                 values.append(state[key])
         return tuple(values)
 
     def compare(example, image, prompt, method_spec, max_new_tokens):
         """Baseline and patched answers, hallucinated objects, and attention heatmaps (streamed)."""
+        # The event runs with preprocess=False: gradio would decode the upload before this function and answer a
+        # file that is not an image with a bare "Error"; load_upload decodes it here, with a message. Gradio has
+        # already checked that the file is an upload in its cache.
+        upload = image.get("path") if isinstance(image, dict) else image
         try:
-            yield ("", "", "", "", None, None, None)
-            for state in demo.compare(example or None, image or None, prompt, method_spec, max_new_tokens):
+            yield ("", "", "", "", None, None, "", None)
+            for state in demo.compare(example or None, upload or None, prompt, method_spec, max_new_tokens):
                 yield to_outputs(state)
         except DemoInputError as error:
             raise gr.Error(str(error), print_exception=False) from None
@@ -579,9 +575,9 @@ def _build_app(demo: LVLMDemo) -> gr.Blocks:
                 example = gr.Dropdown(choices=names, value=names[0] if names else None, label="Example image",
                                       info="has COCO ground truth: hallucinated objects are computed",
                                       allow_custom_value=True, elem_id="example")
-                image = image_input(value=str(demo.examples.path(names[0])) if names else None, type="filepath",
-                                    sources=["upload", "clipboard"], label="Image (an upload replaces the example)",
-                                    height=220, elem_id="image")
+                image = gr.Image(value=str(demo.examples.path(names[0])) if names else None, type="filepath",
+                                 sources=["upload", "clipboard"], label="Image (an upload replaces the example)",
+                                 height=220, elem_id="image")
                 prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS,
                                     elem_id="prompt")
                 methods = gr.CheckboxGroup(choices=[(METHODS[n].__name__, n) for n in method_names],
@@ -620,9 +616,10 @@ def _build_app(demo: LVLMDemo) -> gr.Blocks:
                                  interactive=False, height=HEATMAP_SIZE, elem_id=f"{key}-heatmap")
                         for key, title in (("baseline", "Baseline"), ("patched", "With methods"))
                     ]
+                attention = gr.Markdown(label="Image attention", elem_id="attention")
                 with gr.Accordion("Details", open=False):
                     details = gr.JSON(label="Run details", elem_id="details")
-        outputs = [*answers, *objects_boxes, *heatmaps, details]
+        outputs = [*answers, *objects_boxes, *heatmaps, attention, details]
 
         if names:
             def pick(event: gr.SelectData):
@@ -635,7 +632,7 @@ def _build_app(demo: LVLMDemo) -> gr.Blocks:
             control.change(update_spec, inputs=[methods, *sliders], outputs=[spec, *groups],
                            api_visibility="private", queue=False)
         run.click(compare, inputs=[example, image, prompt, spec, max_new_tokens], outputs=outputs,
-                  api_name="compare", concurrency_limit=1, concurrency_id="model")
+                  api_name="compare", concurrency_limit=1, concurrency_id="model", preprocess=False)
         gr.api(hallucinations, api_name="hallucinations")
     return app
 

@@ -47,7 +47,7 @@ def test_compare_streams_both_answers_heatmaps_and_hallucinations(client, lvlm_s
     demo, _ = lvlm_server
     prompt, tokens = "Please describe this image in detail.", 6
     job = client.submit(EXAMPLE, None, prompt, "role_bias:image=3\nvhr", tokens, api_name="/compare")
-    baseline, patched, baseline_md, patched_md, baseline_heat, patched_heat, details = job.result(timeout=300)
+    baseline, patched, baseline_md, patched_md, baseline_heat, patched_heat, attention_md, details = job.result(timeout=300)
 
     # Both answers, and the baseline is the model's own greedy answer.
     assert baseline and patched
@@ -69,6 +69,7 @@ def test_compare_streams_both_answers_heatmaps_and_hallucinations(client, lvlm_s
     assert 0.0 < details["baseline"]["image_attention"] < 1.0
     with Image.open(baseline_heat) as a, Image.open(patched_heat) as b:
         assert a.tobytes() != b.tobytes()
+    assert f"{details['patched']['image_attention']:.0%}" in attention_md
 
     # Hallucinated objects against the image's COCO ground truth.
     image_id, categories = instance_categories(EXAMPLE)
@@ -98,7 +99,7 @@ def test_hallucinations_endpoint_scores_against_the_images_ground_truth(client):
 def test_upload_has_no_ground_truth_and_view_sized_heatmaps(client, tmp_path):
     wide = tmp_path / "wide.png"
     Image.new("RGB", (90, 60), (200, 30, 30)).save(wide)
-    *_, baseline_md, _, baseline_heat, _, details = client.predict(
+    _, _, baseline_md, _, baseline_heat, _, _, details = client.predict(
         None, handle_file(str(wide)), "Is there a dog?", "role_bias:image=1", 3, api_name="/compare"
     )
     assert details["image"]["source"] == "upload" and details["image"]["size"] == [90, 60]
