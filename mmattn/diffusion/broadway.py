@@ -69,6 +69,7 @@ If something replaces BroadWay's processors after it was applied (``set_attn_pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -264,6 +265,16 @@ def high_band_projector(band: torch.Tensor) -> torch.Tensor:
     return projector.to(torch.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _band_cached(num_frames: int, tau: int | str) -> torch.Tensor:
+    return high_frequency_band(num_frames, tau)
+
+
+@functools.lru_cache(maxsize=64)
+def _projector_cached(num_frames: int, tau: int | str) -> torch.Tensor:
+    return high_band_projector(_band_cached(num_frames, tau))
+
+
 def _energy(maps: torch.Tensor, per_sample: bool) -> torch.Tensor:
     """``mean over (positions, heads, query frames) of sum_j A_ij^2`` for maps ``[Bc, S, heads, F, F]``."""
     per_video = maps.square().sum(-1).flatten(1).mean(1)
@@ -297,7 +308,8 @@ def broadway_temporal_maps(
     """
     frames = probs.shape[-1]
     per_sample = energy_scope == "per_sample"
-    band = high_frequency_band(frames, tau, device=probs.device)
+    band_cpu = _band_cached(frames, tau)  # decided on the host: no device sync per layer
+    band = band_cpu.to(probs.device)
     e1 = _energy(probs[cond_chunk], per_sample)
     blended = probs if reference is None or alpha == 0 else torch.lerp(probs, reference.expand_as(probs), alpha)
 
@@ -308,10 +320,10 @@ def broadway_temporal_maps(
         e_low = _band_energy(power, ~band, per_sample)
         e2 = e_high + e_low
     else:
-        if bool(band[1:].all()):  # every non-DC bin: the high part is the row minus its mean
+        if bool(band_cpu[1:].all()):  # every non-DC bin: the high part is the row minus its mean
             high = blended - blended.mean(-1, keepdim=True)
         else:
-            high = blended @ high_band_projector(band).to(blended.device)
+            high = blended @ _projector_cached(frames, tau).to(blended.device)
         e2 = _energy(blended[cond_chunk], per_sample)
         e_high = _energy(high[cond_chunk], per_sample)
         e_low = e2 - e_high
