@@ -332,7 +332,8 @@ class LVLMDemo:
 
         def work() -> None:
             try:
-                with torch.inference_mode(), mmattn.patch(self.model, recorder, *methods, processor=self.processor):
+                # The recorder goes last: an error about methods that cannot be combined then names only them.
+                with torch.inference_mode(), mmattn.patch(self.model, *methods, recorder, processor=self.processor):
                     self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                         stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
@@ -380,7 +381,10 @@ class LVLMDemo:
         return result
 
     def attention_summary(self, run: RunResult) -> tuple[np.ndarray, float]:
-        """(patch grid of the answer's image attention, fraction of the answer's attention on image tokens)."""
+        """(patch grid of the answer's image attention, the fraction of its attention on that grid).
+
+        For LLaVA-1.5 the grid is every image token; for LLaVA-NeXT it is the base view (crops are not drawn).
+        """
         grid = image_patch_grid(run.recorder, self.grid_side)
         return grid, float(grid.sum())
 
@@ -389,8 +393,9 @@ class LVLMDemo:
                 max_new_tokens: int) -> Iterator[dict[str, Any]]:
         """Baseline then patched generation; yields partial states (dicts) and finally the full result.
 
-        Keys: ``baseline`` / ``patched`` (answer so far), and at the end ``baseline_objects`` / ``patched_objects``,
-        ``baseline_heatmap`` / ``patched_heatmap`` (PIL images) and ``details`` (JSON-able).
+        Keys: ``baseline`` / ``patched`` (answer so far); after each run ``{run}_objects`` (:meth:`objects`) and
+        ``{run}_heatmap`` (PIL image); at the end both heatmaps again on one colour scale, ``attention`` (image
+        attention shares) and ``details`` (JSON-able).
         """
         prompt = (prompt or "").strip()
         if not prompt:
@@ -402,20 +407,23 @@ class LVLMDemo:
             raise DemoInputError(f"max new tokens must lie in [1, {MAX_NEW_TOKENS}]")
         methods = parse_method_specs(method_spec)
         image, example = self.resolve_image(example, upload)
+        self.extractor()  # before generating: it also makes the offline NLTK data findable (GIFT's tagger uses it)
         view = model_view(image, self.processor.image_processor)
 
         with self._lock:
             runs: dict[str, RunResult] = {}
+            objects: dict[str, dict[str, Any]] = {}
             for key, run_methods in (("baseline", ()), ("patched", methods)):
                 for item in self.stream(image, prompt, run_methods, max_new_tokens):
                     if isinstance(item, RunResult):
                         runs[key] = item
                     else:
                         yield {key: item}
-                grid, image_share = self.attention_summary(runs[key])
-                yield {
+                objects[key] = self.objects(runs[key].answer, example)
+                grid, _ = self.attention_summary(runs[key])
+                yield {  # this run's heatmap on its own scale, until both exist
                     key: runs[key].answer,
-                    f"{key}_objects": self.objects(runs[key].answer, example),
+                    f"{key}_objects": objects[key],
                     f"{key}_heatmap": render_heatmap(view, grid, vmax=float(grid.max()),
                                                      kept=kept_patch_grid(runs[key].recorder, self.grid_side)),
                 }
@@ -439,9 +447,8 @@ class LVLMDemo:
         final: dict[str, Any] = {}
         for key, run in runs.items():
             grid, image_share = grids[key]
-            objects = self.objects(run.answer, example)
             final[key] = run.answer
-            final[f"{key}_objects"] = objects
+            final[f"{key}_objects"] = objects[key]
             kept = kept_patch_grid(run.recorder, self.grid_side)
             final[f"{key}_heatmap"] = render_heatmap(view, grid, vmax=vmax, kept=kept)
             details[key] = {
@@ -449,7 +456,7 @@ class LVLMDemo:
                 "generated_tokens": run.generated_tokens,
                 "image_attention": image_share,
                 "kept_patches": None if kept is None else int(kept.sum()),
-                "objects": objects,
+                "objects": objects[key],
             }
         final["details"] = details
         pruned = any(details[key]["kept_patches"] is not None for key in runs)
