@@ -818,9 +818,15 @@ def apply_broadway(pipe_or_unet, config: BroadWayConfig | None = None, *, schedu
             _TemporalGeometryHook(state, name), _BROADWAY_HOOK
         )
     registry.register_hook(BroadWayHook(state, targets), _BROADWAY_HOOK)
-    registry.invalidate_child_registries_cache()
+    _invalidate_child_registries(registry)
     logger.info("BroadWay on %d temporal attention modules: %s", len(targets), [t.name for t in targets])
     return BroadWayHandle(unet, state, targets)
+
+
+def _invalidate_child_registries(registry) -> None:
+    # Recent diffusers cache the list of child registries (for cache contexts); older releases have no such cache.
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
 
 
 def remove_broadway(pipe_or_unet) -> None:
@@ -837,7 +843,7 @@ def remove_broadway(pipe_or_unet) -> None:
             logger.warning("BroadWay: %s's processor was replaced after apply_broadway; leaving %s in place",
                            target.name, type(target.attn.processor).__name__)
     registry.remove_hook(_BROADWAY_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
+    _invalidate_child_registries(registry)
 
 
 def broadway_enabled(pipe_or_unet) -> bool:
