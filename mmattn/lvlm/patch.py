@@ -425,8 +425,15 @@ class PatchHandle:
             model=model, language_model=language_model, methods=methods, processor=processor,
             num_layers=len(attention_modules), model_kind=kind,
         )
-        for method in methods:
-            method.attach(self.context)
+        attached = []
+        try:
+            for method in methods:
+                method.attach(self.context)
+                attached.append(method)
+        except Exception:
+            for method in attached:  # leave the model exactly as it was
+                method.detach(self.context)
+            raise
         model.set_attn_implementation({"text_config": ATTENTION_NAME})
         if language_model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation({"text_config": previous})

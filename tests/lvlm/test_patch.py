@@ -269,3 +269,17 @@ def test_methods_compose_or_explain_why_not():
                 model(**inputs)
     assert any((s != 1).any() for s in scales.values())
     assert not torch.allclose(both, only_var, atol=1e-4), "VHR's head scale applies alongside VAR's transfer"
+
+
+def test_failed_patch_leaves_no_hooks_and_no_switch():
+    model = tiny_llava(layers=5)
+
+    def hook_count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hook_count()
+    with pytest.raises(ValueError, match="processor"):
+        mmattn.patch(model, mmattn.VAR(sink_dims=(1, 2)), mmattn.TransPrune(accumulation_layers=(1,), prune_layers=(1,),
+                                                                           keep_ratios=(0.5,)), mmattn.GIFT())
+    assert hook_count() == before
+    assert model.config.text_config._attn_implementation == "sdpa"

@@ -45,6 +45,10 @@ class PAINTConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.local_ratio <= 1.0:
             raise ValueError(f"PAINT local_ratio must lie in (0, 1], got {self.local_ratio}")
+        if self.cfg_gamma < 1.0:
+            raise ValueError(f"PAINT cfg_gamma must be >= 1 (1 switches the guidance off), got {self.cfg_gamma}")
+        if not 0.0 < self.cfg_cutoff <= 1.0:
+            raise ValueError(f"PAINT cfg_cutoff must lie in (0, 1], got {self.cfg_cutoff}")
 
 
 def cls_attention_row(attention_module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
