@@ -2,9 +2,9 @@
 
 ``mmattn demo video --model PATH`` serves a Gradio app around a *local* diffusers pipeline (a folder written by
 ``save_pretrained``: AnimateDiff, TextToVideoSD); nothing is downloaded. BroadWay comes from
-``mmattn.diffusion.broadway.apply_broadway`` (issue 8). Until both exist the app still starts and says plainly
-what is missing: that it needs ``--model PATH`` (no offline video model ships yet) and that BroadWay is not yet
-available. With a pipeline but without BroadWay it renders the vanilla video only.
+``mmattn.diffusion.broadway.apply_broadway``, looked up at run time. Whatever is missing, the app still starts and
+says so plainly: without ``--model PATH`` that it needs a local pipeline (no offline video model ships yet), and
+without BroadWay that it is not available (it then renders the vanilla video only).
 
 Next to each video it reports a model-free motion statistic (mean absolute change between consecutive frames, in
 [0, 1]): BroadWay is meant to raise motion without adding flicker, and this is the cheapest honest proxy until the
@@ -239,7 +239,8 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
                 alpha = gr.Slider(0.0, 1.0, value=first_preset["alpha"], step=0.05,
                                   label="alpha (temporal self-guidance)")
                 beta = gr.Slider(1.0, 15.0, value=first_preset["beta"], step=0.1, label="beta (motion enhancement)")
-                tau = gr.Slider(1, MAX_FRAMES // 2, value=first_preset["tau"], step=1, label="tau (frequency cut)")
+                tau = gr.Slider(1, MAX_FRAMES // 2, value=first_preset["tau"], step=1, label="tau (frequency cut)",
+                                info="needs frames >= 2 tau + 1")
                 stop = gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="active for this fraction of the steps")
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column(scale=3):

@@ -107,3 +107,20 @@ def test_without_broadway_only_the_vanilla_video_is_rendered(monkeypatch):
     with Image.open(vanilla) as gif:
         assert gif.n_frames == 3
     assert VideoDemo().problems()[0] == NEEDS_MODEL
+
+
+def test_a_saved_local_pipeline_renders_vanilla_and_broadway(tmp_path):
+    """End to end on a real (tiny, random) AnimateDiff pipeline loaded from a folder, with the real BroadWay."""
+    from mmattn.diffusion import broadway
+    from mmattn.diffusion.testing import tiny_animatediff_pipeline
+
+    tiny_animatediff_pipeline().save_pretrained(tmp_path / "pipe")
+    demo = VideoDemo(model=str(tmp_path / "pipe"), device="cpu")
+    assert demo.problems() == []
+    vanilla, treated, report = demo.generate("a cat", 0, 3, 1, 7.5, 0.6, 1.5, 1, 1.0)
+    assert not broadway.broadway_enabled(demo.pipeline()), "BroadWay must be removed after the run"
+    assert report["broadway"]["options"] == {"alpha": 0.6, "beta": 1.5, "tau": 1, "stop": 1.0}
+    with Image.open(vanilla) as a, Image.open(treated) as b:
+        assert a.n_frames == b.n_frames == 3 and a.size == b.size
+    # Same seed, BroadWay active on every step: the videos differ (alpha, beta away from the identity 0, 1).
+    assert report["broadway"]["frame_change"] != report["vanilla"]["frame_change"]
