@@ -14,6 +14,9 @@ No download is needed for anything here. The world ships inside the package:
 
     from mmattn.eval.world import load_model, val_instances_path, val_image_dir
     model, processor = load_model(device="cpu")
+
+How the world and the model were made, the training command and the measured CHAIR / POPE numbers: README.md
+in this directory.
 """
 
 from __future__ import annotations
