@@ -15,7 +15,7 @@ import sys
 
 # Modules that add subcommands; each exposes register_cli(subparsers). Missing optional extras only hide
 # their commands' functionality, never the whole CLI.
-COMMAND_MODULES = ("mmattn.eval.cli", "mmattn.demos.cli")
+COMMAND_MODULES = ("mmattn.eval.cli", "mmattn.demos.cli", "mmattn.diffusion.attencraft.cli")
 
 
 class CLIError(Exception):
@@ -64,16 +64,23 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _offline_data() -> dict[str, object]:
-    """Where the offline world and shared evaluation data were found (None when absent)."""
+    """What offline data was found (None when absent): the shipped world, NLTK data, the shared POPE files."""
     found: dict[str, object] = {}
     try:
-        from mmattn.eval import world  # type: ignore[attr-defined]
+        from mmattn.eval import world
 
-        found["world"] = str(world.default_root()) if hasattr(world, "default_root") else "installed"
-    except Exception:
+        model_ok = (world.model_dir() / "config.json").is_file()
+        images = len(list(world.val_image_dir().glob("*.png"))) if world.val_image_dir().is_dir() else 0
+        found["world"] = f"{world.default_root()} (model: {'yes' if model_ok else 'missing'}, val images: {images})"
+    except Exception:  # the eval extra or the world may be absent: report, never fail
         found["world"] = None
-    nltk_data = os.environ.get("NLTK_DATA")
-    found["NLTK_DATA"] = nltk_data if nltk_data and os.path.isdir(nltk_data) else None
+    try:
+        from mmattn.eval.paths import nltk_data_dir, pope_coco_dir
+
+        found["NLTK_DATA"] = str(nltk_data_dir()) if nltk_data_dir().is_dir() else None
+        found["pope_coco"] = str(pope_coco_dir()) if pope_coco_dir().is_dir() else None
+    except Exception:
+        found["NLTK_DATA"] = found["pope_coco"] = None
     return found
 
 
