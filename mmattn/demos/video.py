@@ -39,6 +39,7 @@ MAX_PROMPT_CHARS = 500
 MAX_FRAMES = 32
 MAX_STEPS = 100
 GIF_FRAME_MS = 125
+MIN_DISPLAY_SIZE = 256  # pixels: tiny test pipelines render 16-32 px videos
 
 NEEDS_MODEL = (
     "This demo needs a local diffusers text-to-video pipeline: start it with `mmattn demo video --model PATH`, "
@@ -141,6 +142,10 @@ class VideoDemo:
         return _to_pil_frames(result.frames if hasattr(result, "frames") else result[0])
 
     def _save_gif(self, frames: list[Image.Image], name: str) -> str:
+        """An animated GIF of ``frames``; small videos are enlarged (whole pixels) so that they can be seen."""
+        factor = -(-MIN_DISPLAY_SIZE // max(frames[0].size))
+        if factor > 1:
+            frames = [f.resize((f.width * factor, f.height * factor), Image.Resampling.NEAREST) for f in frames]
         path = Path(tempfile.mkdtemp(dir=self._out_dir)) / f"{name}.gif"
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
         return str(path)
@@ -177,7 +182,13 @@ class VideoDemo:
                         remove(pipe)
                     elif hasattr(handle, "remove"):
                         handle.remove()
-                report["broadway"] = {"frame_change": frame_change(treated), "options": options}
+                # BroadWay edits steps int(start*N) <= step < int(stop*N), start 0 (spec §2.5.2).
+                active_steps = int(options["stop"] * steps)
+                report["broadway"] = {"frame_change": frame_change(treated), "options": options,
+                                      "active_steps": active_steps}
+                if active_steps == 0:
+                    report["note"] = (f"BroadWay was active on no step ({steps} steps x stop {options['stop']:g} < 1): "
+                                      "the two videos are the same; raise the steps or the active fraction")
                 broadway_path = self._save_gif(treated, "broadway")
             return self._save_gif(vanilla, "vanilla"), broadway_path, report
 
@@ -215,7 +226,7 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
         except Exception as error:  # noqa: BLE001 - a message for the user, the traceback for the log
             logger.exception("video demo run failed")
             raise gr.Error(f"the run failed ({type(error).__name__}); see the server log", print_exception=False) from None
-        if treated is None:
+        if treated is None or report.get("note"):
             gr.Warning(report.get("note") or NO_BROADWAY)
         return vanilla, treated, report
 
@@ -245,8 +256,10 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column(scale=3):
                 with gr.Row():
-                    vanilla = gr.Image(label="Vanilla", type="filepath", interactive=False, elem_id="vanilla")
-                    treated = gr.Image(label="BroadWay", type="filepath", interactive=False, elem_id="broadway")
+                    vanilla = gr.Image(label="Vanilla", type="filepath", interactive=False, height=320,
+                                       elem_id="vanilla")
+                    treated = gr.Image(label="BroadWay", type="filepath", interactive=False, height=320,
+                                       elem_id="broadway")
                 report = gr.JSON(label="Metrics", elem_id="metrics")
         preset.change(apply_preset, inputs=preset, outputs=[alpha, beta, tau], api_visibility="private", queue=False)
         run.click(generate, inputs=[prompt, seed, num_frames, steps, guidance, alpha, beta, tau, stop],

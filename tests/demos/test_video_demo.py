@@ -16,7 +16,15 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from mmattn.demos.video import BROADWAY_MODULE, NEEDS_MODEL, NO_BROADWAY, VideoDemo, broadway_status, launch
+from mmattn.demos.video import (
+    BROADWAY_MODULE,
+    MIN_DISPLAY_SIZE,
+    NEEDS_MODEL,
+    NO_BROADWAY,
+    VideoDemo,
+    broadway_status,
+    launch,
+)
 
 from .conftest import free_port
 
@@ -91,7 +99,7 @@ def test_broadway_runs_side_by_side_with_the_same_seed(fake_broadway):
     assert [(c.alpha, c.beta, c.tau) for c in pipeline.configs] == [(0.5, 1.5, 7)]  # 'stop' is not a field here
     for path in (vanilla, treated):
         with Image.open(path) as gif:
-            assert gif.n_frames == 6 and gif.size == (16, 16)
+            assert gif.n_frames == 6 and gif.size == (MIN_DISPLAY_SIZE, MIN_DISPLAY_SIZE)  # 16 px, enlarged x16
     assert report["broadway"]["frame_change"] > report["vanilla"]["frame_change"] > 0.0
     with Image.open(vanilla) as a, Image.open(treated) as b:
         assert a.tobytes() == b.tobytes()  # same seed: the first frames agree
@@ -120,6 +128,7 @@ def test_a_saved_local_pipeline_renders_vanilla_and_broadway(tmp_path):
     vanilla, treated, report = demo.generate("a cat", 0, 3, 1, 7.5, 0.6, 1.5, 1, 1.0)
     assert not broadway.broadway_enabled(demo.pipeline()), "BroadWay must be removed after the run"
     assert report["broadway"]["options"] == {"alpha": 0.6, "beta": 1.5, "tau": 1, "stop": 1.0}
+    assert report["broadway"]["active_steps"] == 1 and "note" not in report
     with Image.open(vanilla) as a, Image.open(treated) as b:
         assert a.n_frames == b.n_frames == 3 and a.size == b.size
     # Same seed, BroadWay active on every step: the videos differ (alpha, beta away from the identity 0, 1).
