@@ -93,6 +93,12 @@ class PatchContext:
     def config(self):
         return self.model.config
 
+    @property
+    def in_request(self) -> bool:
+        """True while the model runs the user's request itself (not a method's auxiliary branch or stream):
+        the condition under which method hooks may read or rewrite hidden states."""
+        return not self.bypass and self.branch == "image"
+
     def layout_at(self, layer_idx: int) -> TokenLayout | None:
         """The prompt layout as layer ``layer_idx`` sees it (after any token pruning before that layer)."""
         index = self.sequence_maps.get(layer_idx)

@@ -14,6 +14,9 @@ import pytest
 
 from mmattn.demos.attention_map import HEATMAP_SIZE
 
+# Opt-in (`pytest -m browser`): Chromium is a system package that `pip install -e ".[dev]"` cannot bring.
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("MMATTN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -283,3 +283,18 @@ def test_failed_patch_leaves_no_hooks_and_no_switch():
                                                                            keep_ratios=(0.5,)), mmattn.GIFT())
     assert hook_count() == before
     assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_auxiliary_streams_do_not_trigger_sequence_hooks():
+    """PAINT's image-free guidance stream runs the model again: VAR's and TransPrune's hooks must ignore it."""
+    model = tiny_llava(layers=5)
+    inputs = llava_inputs(model)
+    var = dict(tau=1.6, min_image_mass=0.0, rho=0.0, sink_dims=(3, 17))
+    prune = dict(accumulation_layers=(1, 2), prune_layers=(1, 2), keep_ratios=(0.5, 0.25))
+    with torch.no_grad():
+        with mmattn.patch(model, mmattn.TransPrune(**prune), mmattn.PAINT(cfg_gamma=1.5, first_layer=3, last_layer=3)):
+            tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with pytest.raises(ValueError, match="different query rows"):
+            with mmattn.patch(model, mmattn.VAR(**var), mmattn.PAINT(cfg_gamma=1.5)):
+                model(**inputs)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3

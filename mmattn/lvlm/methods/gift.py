@@ -68,7 +68,6 @@ class GIFTConfig:
 
 def informative_mask(tokenizer, ids: list[int], marker: str) -> list[bool]:
     """Which of ``ids`` (the query tokens after the image) belong to content words of the user's query."""
-    from nltk import pos_tag
     from nltk.tokenize import TreebankWordTokenizer
 
     text, spans = token_spans(tokenizer, ids)
@@ -77,7 +76,7 @@ def informative_mask(tokenizer, ids: list[int], marker: str) -> list[bool]:
     word_spans = list(TreebankWordTokenizer().span_tokenize(text[:query_end]))
     words = [text[a:b] for a, b in word_spans]
     try:
-        tags = pos_tag(words, lang="eng") if words else []
+        tags = _pos_tags(words)
     except LookupError as error:
         raise RuntimeError(
             "GIFT's informative-word selection needs NLTK's tagger data: run "
@@ -86,6 +85,25 @@ def informative_mask(tokenizer, ids: list[int], marker: str) -> list[bool]:
         ) from error
     keep = [(a, b) for (a, b), (_, tag) in zip(word_spans, tags) if tag.startswith(INFORMATIVE_PENN_PREFIXES)]
     return [s < query_end and any(s < b and a < e for a, b in keep) for s, e in spans]
+
+
+def _pos_tags(words: list[str]) -> list[tuple[str, str]]:
+    """NLTK POS tags; when NLTK's own search path lacks the tagger, the project's shared offline copy is tried."""
+    import nltk
+    from nltk import pos_tag
+
+    if not words:
+        return []
+    try:
+        return pos_tag(words, lang="eng")
+    except LookupError:
+        from ...eval.paths import nltk_data_dir
+
+        shared = str(nltk_data_dir())
+        if shared in nltk.data.path:
+            raise
+        nltk.data.path.append(shared)
+        return pos_tag(words, lang="eng")
 
 
 def token_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:

@@ -139,7 +139,7 @@ class TransPrune(AttentionMethod):
         def hook(module, args, output):
             state = self._state
             context = self._context
-            if state is None or context.step != 0 or context.branch != "image":
+            if state is None or context.step != 0 or not context.in_request:
                 return None
             value = output[0] if isinstance(output, tuple) else output
             captured = state["captured"].setdefault(number, {})
@@ -159,7 +159,7 @@ class TransPrune(AttentionMethod):
         def hook(module, args, kwargs):
             state = self._state
             context = self._context
-            if state is None or context.branch != "image":
+            if state is None or not context.in_request:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if context.step == 0:

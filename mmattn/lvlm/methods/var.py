@@ -115,7 +115,7 @@ class VAR(AttentionMethod):
 
     def _make_sink_hook(self, context, layer_idx: int):
         def hook(module, args, kwargs):
-            if context.step != 0 or context.layout is None or context.branch != "image":
+            if context.step != 0 or context.layout is None or not context.in_request:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             self._detect_sinks(context, layer_idx, hidden)
