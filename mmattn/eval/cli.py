@@ -12,7 +12,7 @@ import argparse
 import importlib
 
 # Scoring only (chair-score, pope-score), then the generation harness (chair, pope).
-EVAL_COMMAND_MODULES = ("mmattn.eval.score_cli", "mmattn.eval.harness", "mmattn.eval.video_cli")
+EVAL_COMMAND_MODULES = ("mmattn.eval.score_cli", "mmattn.eval.harness", "mmattn.eval.video_cli", "mmattn.eval.customization_cli")
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
