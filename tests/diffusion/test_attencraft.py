@@ -384,3 +384,25 @@ def test_cli_train_resume_masks_generate(workdir, tmp_path, capsys):
     assert main(["attencraft", "train", "--model", str(tmp_path / "nowhere"), "--image", str(image), "--concepts",
                  "cat,dog", "--out", str(out)]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_propagation_on_the_triton_kernels_matches_the_exact_path(monkeypatch):
+    """The GPU path (Triton) computes the same S^4 y; run here under the Triton interpreter when it is on."""
+    import os
+
+    from mmattn.diffusion.attencraft.capture import QKCapture
+    from mmattn.diffusion.attencraft.masks import propagate_through_self_attention
+    from mmattn.kernels import triton_available
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not triton_available()[0]:
+        pytest.skip("Triton interpreter not active in this session (tests/conftest.py enables it on CPU machines)")
+    generator = torch.Generator().manual_seed(0)
+    qk = [QKCapture(2 * torch.randn(1, 2, 64, 16, generator=generator), 2 * torch.randn(1, 2, 64, 16, generator=generator),
+                    0.25) for _ in range(2)]
+    maps = torch.rand(64, 3, generator=generator)
+    monkeypatch.setenv("MMATTN_KERNEL", "exact")
+    exact = propagate_through_self_attention(qk, maps)
+    monkeypatch.setenv("MMATTN_KERNEL", "triton")
+    triton = propagate_through_self_attention(qk, maps)
+    torch.testing.assert_close(triton, exact, atol=1e-5, rtol=0)
+    assert float((exact - maps).abs().max()) > 0.1  # the propagation visibly changed the maps
