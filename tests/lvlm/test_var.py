@@ -133,3 +133,11 @@ def test_var_presets_and_validation():
         mmattn.VAR(transfer=1.5)
     with pytest.raises(ValueError, match="hidden size"):
         mmattn.patch(tiny_llava(), mmattn.VAR(sink_dims=(999,)))
+
+
+def test_var_warns_when_it_finds_no_sink():
+    model = tiny_llava(layers=5, seed=3)
+    inputs = llava_inputs(model)
+    with torch.no_grad(), mmattn.patch(model, mmattn.VAR(sink_dims=DIMS)):  # tau = 20: random weights have no sink
+        with pytest.warns(RuntimeWarning, match="no visual sink"):
+            model(**inputs)

@@ -22,6 +22,7 @@ masses (P14), batched per-sample spans and sinks (P1, P12: the image group is th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,18 @@ class VAR(AttentionMethod):
         self.has_visual_sink: dict[int, torch.Tensor] = {}
         self.sample_dims: torch.Tensor | None = None
 
+    def _warn_if_sinkless(self) -> None:
+        if getattr(self, "_warned", False) or any(bool(v.any()) for v in self.has_visual_sink.values()):
+            return
+        self._warned = True
+        warnings.warn(
+            f"VAR found no visual sink (phi > tau={self.config.tau}) in any layer, so it leaves this request unchanged "
+            "(the paper's behaviour). Models without massive activations (e.g. small or untrained ones) need a lower "
+            "tau; compare mmattn.lvlm.methods.var.sink_scores on your model's hidden states.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     def _make_sink_hook(self, context, layer_idx: int):
         def hook(module, args, kwargs):
             if context.step != 0 or context.layout is None or not context.in_request:
@@ -160,6 +173,8 @@ class VAR(AttentionMethod):
                 raise RuntimeError("VAR needs the prompt's input_ids at prefill to find the image tokens")
             return None
         active = self.has_visual_sink[layer]
+        if call.is_prefill and layer == max(self.has_visual_sink):
+            self._warn_if_sinkless()
         if not bool(active.any()):
             return None  # no visual sink in this layer: VAR does nothing here (spec P9)
         layout = context.layout_at(layer)
