@@ -56,6 +56,11 @@ __all__ = [
     "mask_preview",
     "ssim",
     "map_resolutions",
+    "target_maps",
+    "capture_modules",
+    "masks_from_capture",
+    "encode_image",
+    "encode_prompt_ids",
 ]
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -99,11 +104,7 @@ def find_token_span(tokenizer, prompt_ids: Sequence[int], phrase: str, start: in
 
 def target_spans(tokenizer, prompt_ids: Sequence[int], concepts: Sequence[str]) -> list[TargetSpan]:
     """Spans of each concept, in order, then the background target (token 0, spec §3.2.1)."""
-    spans, start = [], 1
-    for concept in concepts:
-        positions = find_token_span(tokenizer, prompt_ids, concept, start=1)
-        spans.append(TargetSpan(concept, positions))
-        start = max(start, positions[-1] + 1)
+    spans = [TargetSpan(concept, find_token_span(tokenizer, prompt_ids, concept)) for concept in concepts]
     taken = [p for s in spans for p in s.positions]
     if len(taken) != len(set(taken)):
         raise AttenCraftError(f"concept spans overlap in the prompt: {[(s.name, s.positions) for s in spans]}")
