@@ -406,3 +406,27 @@ def test_propagation_on_the_triton_kernels_matches_the_exact_path(monkeypatch):
     triton = propagate_through_self_attention(qk, maps)
     torch.testing.assert_close(triton, exact, atol=1e-5, rtol=0)
     assert float((exact - maps).abs().max()) > 0.1  # the propagation visibly changed the maps
+
+
+def test_cli_train_bf16_mixed_precision(workdir, tmp_path):
+    """One bf16 step in a fresh process (accelerate's state is process-wide: one mixed-precision mode per process)."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    tiny_sd_pipeline(str(workdir / "bf16_base")).save_pretrained(model)
+    image = tmp_path / "pair.png"
+    two_blob_image().save(image)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mmattn.cli", "attencraft", "train", "--model", str(model), "--image", str(image),
+               "--concepts", "cat,dog", "--out", str(out), "--resolution", str(IMAGE_SIZE), "--steps", "2",
+               "--refresh-every", "2", "--no-prior", "--seed", "0", "--mixed-precision", "bf16", "--device", "cpu",
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((out / "attencraft.json").read_text())
+    assert meta["mixed_precision"] == "bf16" and meta["step"] == 2
+    from safetensors.torch import load_file
+
+    embeds = load_file(str(out / EMBEDS_FILE))
+    assert embeds["<new1>"].dtype == torch.float32 and torch.isfinite(embeds["<new1>"]).all()
