@@ -212,9 +212,19 @@ class AttenCraftTrainer:
             raise AttenCraftError(f"need one distinct placeholder per concept: {self.placeholders} for {self.concepts}")
         if config.with_prior_preservation and not class_images:
             raise AttenCraftError("prior preservation is on but no class images were given (or turn it off)")
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=mixed_precision, cpu=(device is not None and torch.device(device).type == "cpu")
-        )
+        if accelerator is None:
+            try:
+                accelerator = Accelerator(
+                    mixed_precision=mixed_precision, cpu=(device is not None and torch.device(device).type == "cpu")
+                )
+            except ValueError as error:
+                if "already been initialized" not in str(error):
+                    raise
+                raise AttenCraftError(
+                    f"accelerate keeps one mixed-precision mode per process and it is already set; mixed_precision="
+                    f"{mixed_precision!r} needs a new process (or pass accelerator=)"
+                ) from None
+        self.accelerator = accelerator
         if self.accelerator.num_processes > 1:
             raise AttenCraftError(
                 "AttenCraft trains one image with batch [instance, class] on one process, as the reference (which "
