@@ -117,7 +117,7 @@ class AttenCraftConfig:
             raise ValueError("AttenCraftConfig resolution levels must be >= 0")
         if self.self_power < 1:
             raise ValueError(f"AttenCraftConfig.self_power must be >= 1, got {self.self_power}")
-        if not 0 <= self.warmup_max_timestep or self.refresh_every < 1 or self.max_steps < 0:
+        if self.warmup_max_timestep < 0 or self.refresh_every < 1 or self.max_steps < 0:
             raise ValueError("AttenCraftConfig needs warmup_max_timestep >= 0, refresh_every >= 1, max_steps >= 0")
         if "{}" not in self.prompt_template:
             raise ValueError(f"AttenCraftConfig.prompt_template needs a '{{}}' for the concepts, got {self.prompt_template!r}")
