@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import EvalInputError
+from .weights import hub_cache_dir, hub_cached_file, load_state_dict
 
 __all__ = [
     "METRICS",
@@ -125,38 +126,11 @@ def apply_mask(image, mask, mode: str = "crop", fill: tuple[int, int, int] = (0,
 
 
 def _hub_file(repo: str, filenames: Sequence[str]) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for filename in filenames:
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str) and os.path.isfile(found):
-            return found
-    return None
-
-
-def _hub_cache_dir() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return HF_HUB_CACHE
-    except ImportError:
-        return "~/.cache/huggingface/hub"
+    return hub_cached_file(repo, filenames)
 
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise CustomizationError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return load_state_dict(path, CustomizationError)
 
 
 @dataclass
@@ -219,7 +193,7 @@ class CustomizationScorer:
         if found is None and cfg.get("url") and os.path.isfile(url_file):
             found = url_file
         if found is None:
-            expected = f"{repo}/open_clip_model.safetensors in the Hugging Face hub cache {_hub_cache_dir()}" \
+            expected = f"{repo}/open_clip_model.safetensors in the Hugging Face hub cache {hub_cache_dir()}" \
                 if repo else f"an OpenAI checkpoint of {name}"
             raise CustomizationError(
                 f"CLIP weights for {name} (openai) not found: expected {expected}"
@@ -255,7 +229,7 @@ class CustomizationScorer:
                 if path is None:
                     raise CustomizationError(
                         f"DINO weights for {name} not found: expected {repo}/model.safetensors in the Hugging Face "
-                        f"hub cache {_hub_cache_dir()}, or {torch_hub} (facebookresearch/dino's ViT-S/16 file); "
+                        f"hub cache {hub_cache_dir()}, or {torch_hub} (facebookresearch/dino's ViT-S/16 file); "
                         "pass a local checkpoint file as the DINO weights (--dino-weights PATH)"
                     )
             elif weights is not None:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import EvalInputError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from .weights import hub_cache_dir, hub_cached_file, load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,38 +194,11 @@ def raft_flow(model: torch.nn.Module, first: torch.Tensor, second: torch.Tensor,
 
 
 def _hub_cached(repo: str, filenames: Sequence[str]) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for filename in filenames:
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str) and os.path.isfile(found):
-            return found
-    return None
-
-
-def _hub_dir() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return HF_HUB_CACHE
-    except ImportError:
-        return "~/.cache/huggingface/hub"
+    return hub_cached_file(repo, filenames)
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise VideoMetricsError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return load_state_dict(path, VideoMetricsError)
 
 
 @dataclass
@@ -292,7 +266,7 @@ class VideoScorer:
                 if source is None:
                     raise VideoMetricsError(
                         f"CLIP weights for {name} ({weights}) not found: expected {repo}/open_clip_model.safetensors "
-                        f"(or open_clip_pytorch_model.bin) in the Hugging Face hub cache {_hub_dir()}"
+                        f"(or open_clip_pytorch_model.bin) in the Hugging Face hub cache {hub_cache_dir()}"
                         + (f", or {url_file}" if cfg.get("url") else "")
                         + "; or pass a local checkpoint file as the CLIP weights"
                     )
@@ -318,7 +292,7 @@ class VideoScorer:
                 if path is None:
                     raise VideoMetricsError(
                         f"DINO weights for {name} not found: expected {repo}/model.safetensors in the Hugging Face "
-                        f"hub cache {_hub_dir()} or {torch_hub} (facebookresearch/dino's dino_vitbase16_pretrain.pth, "
+                        f"hub cache {hub_cache_dir()} or {torch_hub} (facebookresearch/dino's dino_vitbase16_pretrain.pth, "
                         "VBench's file); or pass a local checkpoint file as the DINO weights"
                     )
             elif weights is not None:
