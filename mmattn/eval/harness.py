@@ -142,6 +142,34 @@ def read_finished(path: Path) -> dict[str, dict[str, Any]]:
     return finished
 
 
+def check_same_run(settings: RunSettings, items: Sequence[Item], model_path: str, rank: int, state) -> None:
+    """Refuse to resume into a folder that holds a different run: its samples would be mixed into this one's."""
+    import hashlib
+
+    fingerprint = {
+        "model": model_path,
+        "methods": list(settings.methods),
+        "batch_size": settings.batch_size,
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed,
+        "dtype": settings.dtype,
+        "items": hashlib.sha256("\n".join(f"{i.key}|{i.image_path.name}|{i.prompt}" for i in items).encode()).hexdigest(),
+    }
+    path = settings.out / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        if changed:
+            raise EvalInputError(
+                f"{settings.out} holds a different run (changed: {', '.join(changed)}); "
+                "use a new --out folder, or rerun with the same arguments to resume"
+            )
+    elif rank == 0:
+        write_json_atomic(path, fingerprint)
+    if state is not None:
+        state.wait_for_everyone()
+
+
 def process_state():
     """(rank, world size, accelerate state or None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_PROCESS_INDEX") is not None:
@@ -180,6 +208,7 @@ def run_generation(
     model, processor, model_path = load_model_and_processor(settings.model, device, settings.dtype)
     methods = [mmattn.parse_method_spec(spec) for spec in settings.methods]
     settings.out.mkdir(parents=True, exist_ok=True)
+    check_same_run(settings, items, model_path, rank, state)
     shard = settings.out / f"samples.rank{rank}.jsonl"
     finished = read_finished(shard)
     batches = [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)]

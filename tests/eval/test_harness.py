@@ -163,3 +163,10 @@ def test_two_processes_merge_to_the_single_process_result(checkpoint, dataset, t
     assert (double / "samples.rank1.jsonl").exists()
     assert (double / "samples.jsonl").read_text() == (single / "samples.jsonl").read_text()
     assert (double / "summary.json").read_text() == (single / "summary.json").read_text()
+
+
+def test_resuming_into_a_folder_of_another_run_is_refused(checkpoint, dataset, tmp_path, capsys):
+    assert main(pope_args(checkpoint, dataset, tmp_path)) == 0
+    assert main(pope_args(checkpoint, dataset, tmp_path, "--method", "role_bias:image=1.0")) == 2
+    assert "holds a different run (changed: methods)" in capsys.readouterr().err
+    assert main(pope_args(checkpoint, dataset, tmp_path)) == 0  # the same command resumes (nothing left to do)
