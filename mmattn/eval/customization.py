@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import EvalInputError
-from .weights import hub_cache_dir, hub_cached_file, load_state_dict
+from .weights import hub_cache_dir, hub_cached_file, load_state_dict, timm_backbone
 
 __all__ = [
     "METRICS",
@@ -216,32 +216,10 @@ class CustomizationScorer:
 
     def dino(self):
         if self._dino is None:
-            import timm
-
-            name, weights = self.config.dino_model, self.config.dino_weights
-            path = None
-            if weights == "hub":
-                repo = f"timm/{name}"
-                path = _hub_file(repo, ("model.safetensors", "pytorch_model.bin"))
-                torch_hub = os.path.join(torch.hub.get_dir(), "checkpoints", "dino_deitsmall16_pretrain.pth")
-                if path is None and name.startswith("vit_small_patch16") and os.path.isfile(torch_hub):
-                    path = torch_hub
-                if path is None:
-                    raise CustomizationError(
-                        f"DINO weights for {name} not found: expected {repo}/model.safetensors in the Hugging Face "
-                        f"hub cache {hub_cache_dir()}, or {torch_hub} (facebookresearch/dino's ViT-S/16 file); "
-                        "pass a local checkpoint file as the DINO weights (--dino-weights PATH)"
-                    )
-            elif weights is not None:
-                path = weights
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-            if path is not None:
-                state = {k: v for k, v in _state_dict(path).items() if not k.startswith("head")}
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                if missing or unexpected:
-                    raise CustomizationError(
-                        f"{path} does not fit timm's {name}: missing {missing[:4]}, unexpected {unexpected[:4]}"
-                    )
+            name = self.config.dino_model
+            # The torch.hub fallback is DINO's ViT-S/16, the customization papers' backbone.
+            fallback = "dino_deitsmall16_pretrain.pth" if name.startswith("vit_small_patch16") else "-"
+            model, path = timm_backbone(name, self.config.dino_weights, fallback, CustomizationError)
             self._dino = model.eval().to(self.device)
             self.weights_used["dino"] = path
         return self._dino

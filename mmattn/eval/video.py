@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import EvalInputError, read_jsonl, write_json_atomic, write_jsonl_atomic
-from .weights import hub_cache_dir, hub_cached_file, load_state_dict
+from .weights import hub_cache_dir, hub_cached_file, load_state_dict, timm_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -279,32 +279,10 @@ class VideoScorer:
 
     def dino(self):
         if self._dino is None:
-            import timm
-
-            name, weights = self.config.dino_model, self.config.dino_weights
-            path = None
-            if weights == "hub":
-                repo = f"timm/{name}" if "." in name else None
-                path = _hub_cached(repo, ("model.safetensors", "pytorch_model.bin")) if repo else None
-                torch_hub = os.path.join(torch.hub.get_dir(), "checkpoints", "dino_vitbase16_pretrain.pth")
-                if path is None and name.startswith("vit_base_patch16") and os.path.isfile(torch_hub):
-                    path = torch_hub
-                if path is None:
-                    raise VideoMetricsError(
-                        f"DINO weights for {name} not found: expected {repo}/model.safetensors in the Hugging Face "
-                        f"hub cache {hub_cache_dir()} or {torch_hub} (facebookresearch/dino's dino_vitbase16_pretrain.pth, "
-                        "VBench's file); or pass a local checkpoint file as the DINO weights"
-                    )
-            elif weights is not None:
-                path = weights
-            model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-            if path is not None:
-                state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("head")}
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                if missing or unexpected:
-                    raise VideoMetricsError(
-                        f"{path} does not fit timm's {name}: missing {missing[:4]}, unexpected {unexpected[:4]}"
-                    )
+            name = self.config.dino_model
+            # The torch.hub fallback is VBench's DINO ViT-B/16 file.
+            fallback = "dino_vitbase16_pretrain.pth" if name.startswith("vit_base_patch16") else "-"
+            model, path = timm_backbone(name, self.config.dino_weights, fallback, VideoMetricsError, dynamic_img_size=True)
             self._dino = model.eval().to(self.device)
             self.weights_used["dino"] = path
         return self._dino

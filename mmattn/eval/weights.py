@@ -48,3 +48,33 @@ def load_state_dict(path: str, error: type[Exception]) -> dict[str, torch.Tensor
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def timm_backbone(name: str, weights: str | None, torch_hub_file: str, error: type[Exception], **create_kwargs):
+    """A headless timm ViT (DINO features) with local weights: ``weights`` is a file path, "hub" (the timm repo in
+    the hub cache, else facebookresearch/dino's ``torch_hub_file`` in torch.hub's checkpoints), or None (random,
+    for tests). Returns (model, path used)."""
+    import timm
+
+    path = None
+    if weights == "hub":
+        repo = f"timm/{name}" if "." in name else None
+        path = hub_cached_file(repo, ("model.safetensors", "pytorch_model.bin")) if repo else None
+        fallback = os.path.join(torch.hub.get_dir(), "checkpoints", torch_hub_file)
+        if path is None and os.path.isfile(fallback):
+            path = fallback
+        if path is None:
+            raise error(
+                f"DINO weights for {name} not found: expected {repo or 'timm/' + name}/model.safetensors in the Hugging "
+                f"Face hub cache {hub_cache_dir()}, or {fallback} (facebookresearch/dino's {torch_hub_file}); "
+                "pass a local checkpoint file as the DINO weights"
+            )
+    elif weights is not None:
+        path = weights
+    model = timm.create_model(name, pretrained=False, num_classes=0, **create_kwargs)
+    if path is not None:
+        state = {k: v for k, v in load_state_dict(path, error).items() if not k.startswith("head")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise error(f"{path} does not fit timm's {name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model, path

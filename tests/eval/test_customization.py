@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+import mmattn.eval.weights as mmattn_weights
 import torch.nn.functional as F
 from PIL import Image
 
@@ -110,6 +112,7 @@ def test_inputs_are_checked(scorer):
 
 def test_missing_weights_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(cm, "_hub_file", lambda repo, filenames: None)
+    monkeypatch.setattr(mmattn_weights, "hub_cached_file", lambda repo, filenames: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(CustomizationError, match=r"timm/vit_base_patch32_clip_224\.openai/open_clip_model\.safetensors"):

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+import mmattn.eval.weights as mmattn_weights
+
 from mmattn.cli import main
 from mmattn.eval import video as vm
 from mmattn.eval.video import (
@@ -141,6 +143,7 @@ def test_random_raft_scorer_runs():
 
 def test_missing_weights_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(vm, "_hub_cached", lambda repo, filenames: None)
+    monkeypatch.setattr(mmattn_weights, "hub_cached_file", lambda repo, filenames: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(VideoMetricsError, match=r"timm/vit_large_patch14_clip_224\.openai/open_clip_model"):
