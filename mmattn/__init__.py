@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 
 from .edits import AttentionEdit, AttentionStats, MassTransfer, combine_edits
 from .layout import Role, TokenLayout
-from .lvlm import METHODS, AttentionMethod, PatchHandle, create_method, parse_method_spec, patch, register_method
-from .lvlm.methods import GIFT, PAINT, VAR, VHR, GIFTConfig, PAINTConfig, RoleBias, RoleBiasConfig, TransPrune, TransPruneConfig, VARConfig, VHRConfig, transprune_tflops
+from .lvlm import PatchHandle, patch
+from .lvlm import methods as _methods
+from .lvlm.methods import *  # noqa: F401,F403  (every method and Config, re-exported by the methods package)
 
 __all__ = [
     "__version__",
@@ -20,24 +21,7 @@ __all__ = [
     "combine_edits",
     "Role",
     "TokenLayout",
-    "METHODS",
-    "AttentionMethod",
     "PatchHandle",
-    "create_method",
-    "parse_method_spec",
     "patch",
-    "register_method",
-    "GIFT",
-    "GIFTConfig",
-    "PAINT",
-    "PAINTConfig",
-    "RoleBias",
-    "RoleBiasConfig",
-    "TransPrune",
-    "TransPruneConfig",
-    "transprune_tflops",
-    "VAR",
-    "VARConfig",
-    "VHR",
-    "VHRConfig",
+    *_methods.__all__,
 ]

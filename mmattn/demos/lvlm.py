@@ -48,6 +48,7 @@ from .attention_map import (
     patch_grid_side,
     render_heatmap,
 )
+from .errors import DemoInputError, errors_as_messages
 
 __all__ = [
     "DemoInputError",
@@ -91,10 +92,6 @@ MAIN_OPTIONS: dict[str, dict[str, tuple[float, float, float, str]]] = {
     "transprune": {"alpha": (0.0, 1.0, 0.05, "weight of token transition against instruction-guided attention")},
 }
 DEFAULT_METHODS = ("var",)
-
-
-class DemoInputError(ValueError):
-    """A problem with what the user gave (image, prompt, method spec): shown to them as a message."""
 
 
 # ------------------------------------------------------------------------------------------- method specs
@@ -529,19 +526,10 @@ def _build_app(demo: LVLMDemo) -> gr.Blocks:
         # file that is not an image with a bare "Error"; load_upload decodes it here, with a message. Gradio has
         # already checked that the file is an upload in its cache.
         upload = image.get("path") if isinstance(image, dict) else image
-        try:
+        with errors_as_messages("demo run", logger):
             yield ("", "", "", "", None, None, "", None)
             for state in demo.compare(example or None, upload or None, prompt, method_spec, max_new_tokens):
                 yield to_outputs(state)
-        except DemoInputError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except (ValueError, TypeError, RuntimeError) as error:
-            # e.g. methods that cannot be combined, a method that does not support this model
-            logger.warning("demo run failed: %s", error, exc_info=True)
-            raise gr.Error(f"{type(error).__name__}: {error}", print_exception=False) from None
-        except Exception as error:  # noqa: BLE001 - the user sees a message, the log keeps the traceback
-            logger.exception("demo run failed")
-            raise gr.Error(f"the run failed ({type(error).__name__}); see the server log", print_exception=False) from None
 
     def hallucinations(example: str, answer: str) -> dict:
         """CHAIR objects of ``answer`` for an example image: mentioned, hallucinated, correct, ground truth."""

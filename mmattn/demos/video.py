@@ -25,6 +25,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from .errors import DemoInputError, errors_as_messages
+
 __all__ = ["BROADWAY_MODULE", "BROADWAY_PRESETS", "broadway_status", "VideoDemo", "frame_change", "launch"]
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,6 @@ NO_BROADWAY = (
     "BroadWay is not yet available in this installation (`mmattn.diffusion.broadway.apply_broadway` was not "
     "found); only the vanilla video can be rendered."
 )
-
-
-class DemoInputError(ValueError):
-    """A problem with what the user asked for: shown to them as a message."""
 
 
 def broadway_status():
@@ -216,16 +214,8 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
 
     def generate(prompt, seed, num_frames, steps, guidance, alpha, beta, tau, stop):
         """Vanilla and BroadWay videos of one prompt and seed, with a motion statistic each."""
-        try:
+        with errors_as_messages("video demo run", logger):
             vanilla, treated, report = demo.generate(prompt, seed, num_frames, steps, guidance, alpha, beta, tau, stop)
-        except DemoInputError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except (ValueError, TypeError, RuntimeError) as error:
-            logger.warning("video demo run failed: %s", error, exc_info=True)
-            raise gr.Error(f"{type(error).__name__}: {error}", print_exception=False) from None
-        except Exception as error:  # noqa: BLE001 - a message for the user, the traceback for the log
-            logger.exception("video demo run failed")
-            raise gr.Error(f"the run failed ({type(error).__name__}); see the server log", print_exception=False) from None
         if treated is None or report.get("note"):
             gr.Warning(report.get("note") or NO_BROADWAY)
         return vanilla, treated, report

@@ -72,12 +72,14 @@ import contextlib
 import functools
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
+
+from .config import DictConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class BroadWayConfig:
+class BroadWayConfig(DictConfig):
     r"""Configuration of BroadWay / ByTheWay.
 
     Args:
@@ -212,16 +214,6 @@ class BroadWayConfig:
     def presets() -> dict[str, dict[str, Any]]:
         return {name: dict(values) for name, values in _PRESETS.items()}
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BroadWayConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BroadWayConfig fields {unknown}")
-        return cls(**data)
 
 
 # ------------------------------------------------------------------------------------------ the map arithmetic

@@ -21,8 +21,10 @@ UNet with a 16x16 latent reads 4x4 cross and 8x8 self maps at the same levels, a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from ..config import DictConfig
 
 __all__ = ["AttenCraftConfig"]
 
@@ -31,7 +33,7 @@ PROPAGATION_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class AttenCraftConfig:
+class AttenCraftConfig(DictConfig):
     r"""AttenCraft's settings; defaults are the released code's (spec §3.3 unless noted).
 
     Maps and masks:
@@ -122,16 +124,6 @@ class AttenCraftConfig:
         if "{}" not in self.prompt_template:
             raise ValueError(f"AttenCraftConfig.prompt_template needs a '{{}}' for the concepts, got {self.prompt_template!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AttenCraftConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AttenCraftConfig fields {unknown}")
-        return cls(**data)
 
 
 _SUBMODULES = ("capture", "masks", "pipeline", "training", "cli")
