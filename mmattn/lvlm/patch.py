@@ -66,6 +66,22 @@ class AttentionCall:
         """Absolute key position of each query row ([q_len])."""
         return torch.arange(self.kv_len - self.q_len, self.kv_len, device=self.device)
 
+    def attend_rows(self, positions: torch.Tensor, with_probs: bool = False):
+        """Plain (unedited) attention of one query row per sample, at absolute ``positions`` ([B]), over the keys
+        that row sees: ``(output [B, H, D], probabilities [B, H, kv_len] or None)``, on the shared kernels.
+
+        Methods use it for statistics of the row they are about to edit (VHR's head outputs, GIFT's head gates)."""
+        batch = torch.arange(self.batch_size, device=self.device)
+        query = self.query[batch, :, self.q_len - (self.kv_len - positions)][:, :, None]  # [B, H, 1, D]
+        visible = torch.arange(self.kv_len, device=self.device)[None, :] <= positions[:, None]
+        if self.key_padding is not None:
+            visible = visible & self.key_padding
+        edit = AttentionEdit(key_mass_rows=torch.ones(self.batch_size, 1, dtype=torch.bool, device=self.device)) \
+            if with_probs else None
+        output, stats = kernels.attention(query, self.key, self.value, scale=self.scale, causal=False,
+                                          key_padding=visible, edit=edit)
+        return output[:, 0], (stats.key_mass if with_probs else None)
+
 
 @dataclass
 class PatchContext:

@@ -139,17 +139,8 @@ def _sample_row_probs(call, b: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def _row_probs(call, rows: torch.Tensor) -> torch.Tensor:
-    """One query row per sample at absolute ``rows``: [B, H, kv_len]."""
-    batch = torch.arange(call.batch_size, device=call.device)
-    q = call.query[batch, :, call.q_len - (call.kv_len - rows)].float()  # [B, H, D]
-    group = call.num_heads // call.num_kv_heads
-    k = call.key.float()  # [B, Hkv, K, D]; heads of one KV group share it
-    scores = torch.einsum("bgjd,bgkd->bgjk", q.view(call.batch_size, call.num_kv_heads, group, -1), k)
-    scores = scores.reshape(call.batch_size, call.num_heads, -1) * call.scale
-    allowed = torch.arange(call.kv_len, device=call.device)[None, :] <= rows[:, None]
-    if call.key_padding is not None:
-        allowed = allowed & call.key_padding
-    return torch.softmax(scores.masked_fill(~allowed[:, None, :], float("-inf")), dim=-1)
+    """Unmodified attention probabilities of one query row per sample at absolute ``rows``: [B, H, kv_len]."""
+    return call.attend_rows(rows, with_probs=True)[1]
 
 
 @register_method

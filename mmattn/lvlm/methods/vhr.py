@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import kernels
 from ...edits import AttentionEdit
 from .base import AttentionMethod, register_method
 
@@ -130,7 +129,7 @@ class VHR(AttentionMethod):
             if layer in self._layers:
                 self.head_scales[layer] = None
                 last = context.layout_at(layer).last_prompt_position.to(call.device)
-                self._image_heads = _heads_at(call, last)
+                self._image_heads = call.attend_rows(last)[0]
             self._advance_text_branch(context, layer)  # decides self.head_scales[layer] on the way
         scale = self.head_scales.get(layer)
         if scale is None:
@@ -142,18 +141,6 @@ class VHR(AttentionMethod):
         if layer not in self._layers:
             return None
         last = torch.full((call.batch_size,), call.kv_len - 1, device=call.device)  # left-padded
-        text_heads = _heads_at(call, last)
+        text_heads = call.attend_rows(last)[0]
         self.head_scales[layer] = head_divergence_scale(self._image_heads, text_heads, self.config)
         return AttentionEdit(head_scale=self.head_scales[layer]) if self.config.scale_text_branch else None
-
-
-def _heads_at(call, positions: torch.Tensor) -> torch.Tensor:
-    """Per-head attention output of one query row per sample (at absolute ``positions``), [B, H, D]."""
-    batch = torch.arange(call.batch_size, device=call.device)
-    row = call.query_positions.numel() - (call.kv_len - positions)  # row index of that position in this call
-    query = call.query[batch, :, row][:, :, None]  # [B, H, 1, D]
-    keys = torch.arange(call.kv_len, device=call.device)[None, :] <= positions[:, None]
-    if call.key_padding is not None:
-        keys = keys & call.key_padding
-    out, _ = kernels.attention(query, call.key, call.value, scale=call.scale, causal=False, key_padding=keys)
-    return out[:, 0]
