@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("diffusers")
+import diffusers  # noqa: E402,F401  (the dev extra installs it: a missing one must fail, not skip)
 
 from mmattn.diffusion.attencraft import AttenCraftConfig  # noqa: E402
 from mmattn.diffusion.attencraft import masks as masks_module  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+import diffusers  # noqa: E402,F401  (the dev extra installs it: a missing one must fail, not skip)
 
 from mmattn.diffusion.broadway import (  # noqa: E402
     BroadWayAttnProcessor,

@@ -81,7 +81,6 @@ def test_shipped_val_split_regenerates_bit_identically(tmp_path):
 
 
 def test_pycocotools_loads_shipped_split():
-    pytest.importorskip("pycocotools")
     from pycocotools.coco import COCO
 
     coco = COCO(str(world.val_instances_path()))
