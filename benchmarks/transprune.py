@@ -69,6 +69,42 @@ def measure(model, inputs, decode_tokens: int, repeats: int) -> dict:
     return {"prefill_s": prefill, "peak_gib": peak, "decode_tokens_per_s": batch * decode_tokens / max(full - prefill, 1e-9)}
 
 
+def profile_prefill(model, path: Path) -> None:
+    """Where a batch-1 TransPrune prefill spends host and device time, and which lines wait for the GPU."""
+    import collections
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = {k: v for k, v in inputs_for(model, 1).items() if k != "image_tokens"}
+    report = []
+    for variant in ("sdpa (unpruned)", "TransPrune-High"):
+        handle = mmattn.patch(model, mmattn.TransPrune()) if variant == "TransPrune-High" else None
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                torch.cuda.set_sync_debug_mode("default")
+                sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                    torch.cuda.synchronize()
+        finally:
+            if handle is not None:
+                handle.remove()
+        report.append(f"===== {variant}: {sum(sites.values())} synchronising calls")
+        report += [f"{count:5d}  {site}" for site, count in sites.most_common(40)]
+        report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+        report.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    path.write_text("\n".join(report))
+    print("\n".join(report[:200]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8")
@@ -77,8 +113,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--json", required=True)
     parser.add_argument("--markdown", required=True)
+    parser.add_argument("--profile", metavar="FILE", help="instead: profile TransPrune's batch-1 prefill (torch "
+                        "profiler table, and the source lines that synchronise with the GPU) into FILE")
     args = parser.parse_args()
     model = llava_next_7b(args.layers)
+    if args.profile:
+        profile_prefill(model, Path(args.profile))
+        return
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         inputs = inputs_for(model, batch)

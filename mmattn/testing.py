@@ -151,26 +151,36 @@ def save_tiny_llava_checkpoint(path, seed: int = 0, layers: int = 2) -> None:
     """Save a random tiny LLaVA with a working word-level processor, loadable with ``from_pretrained``.
 
     For harness and CLI tests: the answers are noise, the whole loading / prompting / decoding path is real."""
+    save_word_level_llava(path, tiny_llava(seed=seed, layers=layers))
+
+
+def save_word_level_llava(path, model) -> None:
+    """Save ``model`` (a LLaVA-1.5-style model) with a word-level processor covering its whole vocabulary.
+
+    The tokenizer knows ``TINY_WORDS`` plus filler words ``w{i}`` up to the model's vocabulary size, so any
+    generated id decodes; the image processor and patch size follow the model's vision config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
+    config = model.config
     vocab = {word: i for i, word in enumerate(TINY_WORDS)}
-    for i in range(len(vocab), VOCAB):
-        vocab[f"w{i}" if i != IMAGE_TOKEN_ID else "<image>"] = i
+    for i in range(len(vocab), config.text_config.vocab_size):
+        vocab[f"w{i}" if i != config.image_token_id else "<image>"] = i
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    side = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     chat_template = (
         "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
         "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
         "{% endif %}{% endfor %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     )
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=6,
-                               vision_feature_select_strategy="default", chat_template=chat_template,
-                               num_additional_image_tokens=1)
-    model = tiny_llava(seed=seed, layers=layers)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=config.vision_config.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               chat_template=chat_template, num_additional_image_tokens=1)
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
