@@ -44,7 +44,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "video", help="text-to-video with and without BroadWay",
         description="Render one prompt and seed with a local diffusers text-to-video pipeline, without and with BroadWay.",
     )
-    video.add_argument("--model", default=None, help="local diffusers pipeline folder (save_pretrained output)")
+    video.add_argument("--model", default=None, help="local diffusers pipeline folder (save_pretrained output; "
+                       "default: the offline video world's pipeline)")
     _common(video)
     video.set_defaults(func=_run_video)
 

@@ -1,10 +1,11 @@
 """Video demo: the same prompt and seed rendered by a text-to-video pipeline without and with BroadWay.
 
 ``mmattn demo video --model PATH`` serves a Gradio app around a *local* diffusers pipeline (a folder written by
-``save_pretrained``: AnimateDiff, TextToVideoSD); nothing is downloaded. BroadWay comes from
-``mmattn.diffusion.broadway.apply_broadway``, looked up at run time. Whatever is missing, the app still starts and
-says so plainly: without ``--model PATH`` that it needs a local pipeline (no offline video model ships yet), and
-without BroadWay that it is not available (it then renders the vanilla video only).
+``save_pretrained``: AnimateDiff, TextToVideoSD); without ``--model`` it uses the offline video world's shipped
+pipeline (:mod:`mmattn.diffusion.world`: coloured shapes that move, turn and bounce). Nothing is downloaded.
+BroadWay comes from ``mmattn.diffusion.broadway.apply_broadway``, looked up at run time. Whatever is missing, the
+app still starts and says so plainly: without ``--model PATH`` and without the shipped pipeline that it needs a
+local pipeline, and without BroadWay that it is not available (it then renders the vanilla video only).
 
 Next to each video it reports a model-free motion statistic (mean absolute change between consecutive frames, in
 [0, 1]): BroadWay is meant to raise motion without adding flicker, and this is the cheapest honest proxy until the
@@ -27,7 +28,8 @@ from PIL import Image
 
 from .errors import DemoInputError, errors_as_messages
 
-__all__ = ["BROADWAY_MODULE", "BROADWAY_PRESETS", "broadway_status", "VideoDemo", "frame_change", "launch"]
+__all__ = ["BROADWAY_MODULE", "BROADWAY_PRESETS", "broadway_status", "VideoDemo", "frame_change", "launch",
+           "shipped_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,10 @@ MIN_DISPLAY_SIZE = 256  # pixels: tiny test pipelines render 16-32 px videos
 
 NEEDS_MODEL = (
     "This demo needs a local diffusers text-to-video pipeline: start it with `mmattn demo video --model PATH`, "
-    "where PATH is a folder saved with `save_pretrained` (AnimateDiff, TextToVideoSD). No offline video model "
-    "ships with mmattn yet, and nothing is downloaded."
+    "where PATH is a folder saved with `save_pretrained` (AnimateDiff, TextToVideoSD). The offline video world's "
+    "pipeline (mmattn/diffusion/world/pipeline) is missing from this installation, and nothing is downloaded."
 )
+WORLD_PROMPT = "a red square moving left"  # the offline world only knows coloured shapes and their motions
 NO_BROADWAY = (
     "BroadWay is not yet available in this installation (`mmattn.diffusion.broadway.apply_broadway` was not "
     "found); only the vanilla video can be rendered."
@@ -68,6 +71,13 @@ def broadway_status():
     if not callable(getattr(module, "apply_broadway", None)):
         return None, NO_BROADWAY
     return module, None
+
+
+def shipped_pipeline() -> Path | None:
+    """The offline video world's pipeline folder when it is installed, else None."""
+    from mmattn.diffusion.world import has_pipeline, pipeline_dir
+
+    return pipeline_dir() if has_pipeline() else None
 
 
 def frame_change(frames: Sequence[Image.Image]) -> float:
@@ -106,18 +116,30 @@ class VideoDemo:
     def problems(self) -> list[str]:
         """What keeps the demo from running fully, as messages for the user (empty when all is there)."""
         found = []
-        if self._pipeline is None and not self.model_path:
+        if self._pipeline is None and not self.model_path and shipped_pipeline() is None:
             found.append(NEEDS_MODEL)
         _, reason = broadway_status()
         if reason:
             found.append(reason)
         return found
 
+    def uses_world(self) -> bool:
+        """True when the demo runs the offline video world's pipeline (no model given)."""
+        return self._pipeline is None and not self.model_path and shipped_pipeline() is not None
+
+    def model_name(self) -> str:
+        if self.model_path:
+            return self.model_path
+        return "offline video world" if self.uses_world() else "given"
+
+    def default_prompt(self) -> str:
+        return WORLD_PROMPT if self.uses_world() else "a corgi running on the beach"
+
     def pipeline(self):
         if self._pipeline is None:
-            if not self.model_path:
+            path = Path(self.model_path) if self.model_path else shipped_pipeline()
+            if path is None:
                 raise DemoInputError(NEEDS_MODEL)
-            path = Path(self.model_path)
             if not (path / "model_index.json").is_file():
                 raise DemoInputError(f"{path} is not a local diffusers pipeline folder (no model_index.json)")
             import torch
@@ -209,7 +231,7 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
     def status() -> str:
         problems = demo.problems()
         if not problems:
-            return f"Pipeline `{demo.model_path or 'given'}`; BroadWay available."
+            return f"Pipeline `{demo.model_name()}`; BroadWay available."
         return "\n\n".join(f"**{text}**" for text in problems)
 
     def generate(prompt, seed, num_frames, steps, guidance, alpha, beta, tau, stop):
@@ -229,7 +251,7 @@ def _build_app(demo: VideoDemo) -> gr.Blocks:
         notice = gr.Markdown(status(), elem_id="status")
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                prompt = gr.Textbox(value="a corgi running on the beach", label="Prompt", max_length=MAX_PROMPT_CHARS)
+                prompt = gr.Textbox(value=demo.default_prompt(), label="Prompt", max_length=MAX_PROMPT_CHARS)
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 with gr.Row():
                     num_frames = gr.Slider(2, MAX_FRAMES, value=16, step=1, label="Frames")

@@ -15,6 +15,9 @@ Metrics (spec ``evaluators.md`` §4; a video is a float tensor ``[T, 3, H, W]`` 
   weights ``C_T_V2``, the training data of VBench's ``raft-things.pth``, 20 updates), or from ``lucas_kanade``, a
   weight-free pyramidal Lucas-Kanade estimator for machines without RAFT weights (recorded in every result, never
   comparable with RAFT numbers).
+* ``world``: the video world's colour / shape statistic (:mod:`mmattn.diffusion.world.statistics`: prompted colour
+  present, centroid speed, mask change, area consistency...), reported as ``world_<name>``; weight-free, and only
+  for the world's prompts ("a red square moving left").
 
 Weights are never downloaded: each backbone loads from a local file, or from the Hugging Face / torch hub caches
 where ``from_pretrained``-style tools put them; a missing file raises :class:`VideoMetricsError` naming the file and
@@ -41,7 +44,23 @@ from .weights import hub_cache_dir, hub_cached_file, load_state_dict, timm_backb
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FLOW_ESTIMATORS = ("raft_large", "raft_small", "lucas_kanade")
-METRICS = ("clip_text_alignment", "clip_frame_consistency", "subject_consistency", "temporal_flickering", "motion")
+METRICS = ("clip_text_alignment", "clip_frame_consistency", "subject_consistency", "temporal_flickering", "motion",
+           "world")
+# The default for real models (the spec's set; CLIP, DINO and RAFT weights must be local).
+DEFAULT_METRICS = METRICS[:5]
+# What runs with no weights at all: flicker, Lucas-Kanade motion, and the video world's colour / shape statistic.
+OFFLINE_METRICS = ("temporal_flickering", "motion", "world")
+# Which metrics need which weights (for error messages).
+WEIGHTS_NEEDED = {
+    "clip_text_alignment": "open_clip CLIP weights (--clip-weights)",
+    "clip_frame_consistency": "open_clip CLIP weights (--clip-weights)",
+    "subject_consistency": "DINO weights (--dino-weights)",
+    "motion": "RAFT weights (--raft-weights) unless the flow is lucas_kanade",
+}
+WEIGHT_FREE_HINT = (
+    "metrics needing weights: " + "; ".join(f"{k}: {v}" for k, v in WEIGHTS_NEEDED.items())
+    + ". Weight-free: --metrics temporal_flickering motion world --flow lucas_kanade (world: video-world prompts)"
+)
 
 
 class VideoMetricsError(EvalInputError):
@@ -217,7 +236,7 @@ class VideoMetricsConfig:
     raft_weights: str | None = "hub"
     flow_updates: int = 20  # VBench runs RAFT with 20 iterations
     fps: float = 8.0  # frame rate of the videos, for VBench's ~8 fps sub-sampling of dynamic degree
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     device: str | None = None
     batch_size: int = 16
 
@@ -368,10 +387,33 @@ class VideoScorer:
             sampled = sample_for_dynamic_degree(frames, self.config.fps)
             if sampled.shape[0] >= 2:
                 scores.update(motion_statistics(self.flow(sampled), *frames.shape[-2:]))
+        if "world" in wanted:
+            scores.update(world_scores(frames, prompt))
         return scores
+
+    def load_backbones(self) -> None:
+        """Load every backbone the configured metrics need now, so missing weights fail before any generation."""
+        wanted = self.config.metrics
+        if "clip_text_alignment" in wanted or "clip_frame_consistency" in wanted:
+            self.clip()
+        if "subject_consistency" in wanted:
+            self.dino()
+        if "motion" in wanted and self.config.flow != "lucas_kanade":
+            self.raft()
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self.config), "weights_used": dict(self.weights_used)}
+
+
+def world_scores(frames: torch.Tensor, prompt: str | None) -> dict[str, float]:
+    """The video world's statistic as ``world_<name>`` scores (undefined ones left out)."""
+    from mmattn.diffusion.world.statistics import clip_statistics
+
+    try:
+        stats = clip_statistics(frames, prompt or "")
+    except ValueError as error:
+        raise VideoMetricsError(f"the world metric scores video-world prompts only: {error}") from None
+    return {f"world_{k}": v for k, v in stats.items() if v is not None}
 
 
 # ------------------------------------------------------------------------------------------ files

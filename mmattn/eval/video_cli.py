@@ -1,9 +1,13 @@
 """``mmattn eval video``: generate each prompt and seed with and without BroadWay, save the videos and a grid,
 score both with the video metrics of :mod:`mmattn.eval.video`, print the summary as one JSON object.
 
-Models load from local directories or the Hugging Face cache only (``local_files_only``); ``--model tiny-animatediff``
-and ``--model tiny-t2v`` build random config-sized pipelines for smoke runs, and ``--random-backbones`` scores
-with randomly initialised metric backbones (plumbing checks only: the numbers mean nothing).
+Without ``--model`` it runs the offline video world (:mod:`mmattn.diffusion.world`): the shipped tiny AnimateDiff
+pipeline, its evaluation prompts (unless prompts are given) and the metrics that need no weights (temporal
+flickering, Lucas-Kanade motion and the world's colour / shape statistic), so it works with no downloads at all.
+Other models load from local directories or the Hugging Face cache only (``local_files_only``) and default to the
+spec's metrics, whose CLIP / DINO / RAFT weights must be local (checked before anything is generated);
+``--model tiny-animatediff`` and ``--model tiny-t2v`` build random config-sized pipelines for smoke runs, and
+``--random-backbones`` scores with randomly initialised metric backbones (plumbing checks only).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ TINY_MODELS = ("tiny-animatediff", "tiny-t2v")
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``video`` to the ``mmattn eval`` group."""
-    from .video import FLOW_ESTIMATORS, METRICS
+    from .video import DEFAULT_METRICS, FLOW_ESTIMATORS, METRICS, OFFLINE_METRICS
 
     video = commands.add_parser(
         "video",
@@ -29,9 +33,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "consistency, subject consistency (DINO), temporal flickering and optical-flow motion (dynamic degree). "
         "Writes config.json, samples.jsonl and summary.json under --out (atomically; reruns resume).",
     )
-    video.add_argument("--model", required=True,
+    video.add_argument("--model", default=None,
                        help="diffusers pipeline directory or cached hub id (AnimateDiff or TextToVideoSD), or "
-                       f"{' / '.join(TINY_MODELS)} for a random tiny pipeline")
+                       f"{' / '.join(TINY_MODELS)} for a random tiny pipeline (default: the offline video world's "
+                       "pipeline, its prompts and weight-free metrics)")
     video.add_argument("--motion-adapter", metavar="DIR_OR_ID",
                        help="MotionAdapter to build an AnimateDiffPipeline from an SD1.5 --model")
     video.add_argument("--prompts", metavar="FILE", help="prompt file, one per line")
@@ -56,12 +61,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="pipeline dtype "
                      "(default: float16 on CUDA, else float32)")
     metrics = video.add_argument_group("metrics")
-    metrics.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
+    metrics.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
+                         help=f"default: {' '.join(DEFAULT_METRICS)} (need weights); without --model: "
+                         f"{' '.join(OFFLINE_METRICS)} (weight-free)")
     metrics.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name (default ViT-L-14)")
     metrics.add_argument("--clip-weights", default="openai", help="open_clip pretrained tag or local file")
     metrics.add_argument("--dino-model", default="vit_base_patch16_224.dino", help="timm DINO model name")
     metrics.add_argument("--dino-weights", default="hub", help="'hub' (cache) or a local file")
-    metrics.add_argument("--flow", choices=FLOW_ESTIMATORS, default="raft_large")
+    metrics.add_argument("--flow", choices=FLOW_ESTIMATORS, default=None,
+                         help="optical flow of the motion metric (default: raft_large; lucas_kanade without --model)")
     metrics.add_argument("--raft-weights", default="hub", help="'hub' (torch hub cache) or a local file")
     metrics.add_argument("--random-backbones", action="store_true",
                          help="random metric backbones (smoke runs and tests; the scores are meaningless)")
@@ -79,6 +87,13 @@ def _load_pipeline(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if args.model is None:
+        from mmattn.diffusion.world import MissingPipelineError, load_pipeline
+
+        try:
+            return load_pipeline(device=device, dtype=dtype)
+        except MissingPipelineError as error:
+            raise EvalInputError(str(error)) from None
     if args.model in TINY_MODELS:
         from mmattn.diffusion.testing import tiny_animatediff_pipeline, tiny_text_to_video_pipeline
 
@@ -105,12 +120,30 @@ def _load_pipeline(args: argparse.Namespace):
 def _video(args: argparse.Namespace) -> int:
     from mmattn.diffusion.broadway import BroadWayConfig, broadway
 
-    from .video import VideoMetricsConfig, VideoScorer, evaluate_videos, read_prompts
+    from .video import (
+        DEFAULT_METRICS, OFFLINE_METRICS, WEIGHT_FREE_HINT, VideoMetricsConfig, VideoMetricsError, VideoScorer,
+        evaluate_videos, read_prompts,
+    )
 
+    offline = args.model is None
     try:
+        if offline:
+            from mmattn.diffusion.world import has_pipeline, pipeline_dir
+
+            if args.motion_adapter:
+                raise EvalInputError("--motion-adapter needs --model (an SD 1.5 pipeline to build AnimateDiff from)")
+            if not has_pipeline():
+                raise EvalInputError(f"no --model given and the offline video world's pipeline is missing "
+                                     f"({pipeline_dir()}); train it with python -m mmattn.diffusion.world.train")
         prompts = (read_prompts(args.prompts) if args.prompts else []) + list(args.prompt)
+        if not prompts and offline:
+            from mmattn.diffusion.world import EVAL_PROMPTS
+
+            prompts = list(EVAL_PROMPTS)
         if not prompts:
             raise EvalInputError("give --prompts FILE or at least one --prompt")
+        metrics = args.metrics or list(OFFLINE_METRICS if offline else DEFAULT_METRICS)
+        flow = args.flow or ("lucas_kanade" if offline else "raft_large")
         overrides = {k: getattr(args, k) for k in ("alpha", "beta", "stop") if getattr(args, k) is not None}
         if args.tau is not None:
             overrides["tau"] = args.tau if args.tau == "all_but_dc" else int(args.tau)
@@ -118,16 +151,20 @@ def _video(args: argparse.Namespace) -> int:
         random_backbones = args.random_backbones
         scorer = VideoScorer(VideoMetricsConfig(
             clip_model=args.clip_model, clip_weights=None if random_backbones else args.clip_weights,
-            dino_model=args.dino_model, dino_weights=None if random_backbones else args.dino_weights, flow=args.flow,
-            raft_weights=None if random_backbones else args.raft_weights, fps=args.fps, metrics=tuple(args.metrics),
+            dino_model=args.dino_model, dino_weights=None if random_backbones else args.dino_weights, flow=flow,
+            raft_weights=None if random_backbones else args.raft_weights, fps=args.fps, metrics=tuple(metrics),
             device=args.device,
         ))
+        try:
+            scorer.load_backbones()
+        except VideoMetricsError as error:
+            raise VideoMetricsError(f"{error} ({WEIGHT_FREE_HINT})") from None
         generation = {"num_frames": args.frames, "num_inference_steps": args.steps, "guidance_scale": args.guidance}
         generation.update({k: getattr(args, k) for k in ("height", "width") if getattr(args, k)})
         summary = evaluate_videos(
             lambda: _load_pipeline(args), prompts, args.seeds, args.out, treatments={"broadway": lambda p: broadway(p, config)},
             scorer=scorer, generation=generation, fps=args.fps,
-            settings={"model": args.model, "motion_adapter": args.motion_adapter, "broadway": config.to_dict(),
+            settings={"model": args.model or "offline video world", "motion_adapter": args.motion_adapter, "broadway": config.to_dict(),
                       "random_backbones": random_backbones},
             log=lambda line: print(line, file=sys.stderr),
         )

@@ -1,6 +1,6 @@
 """The video demo through ``gradio_client``: honest about what is missing, side by side when BroadWay exists.
 
-No offline video model exists yet, so the side-by-side path runs on a fake pipeline and a fake
+The side-by-side path runs on a fake pipeline and a fake
 ``mmattn.diffusion.broadway`` module (a model-free backend, as the ecosystem notes recommend for CPU CI).
 """
 
@@ -16,6 +16,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+import mmattn.demos.video as video_demo
 from mmattn.demos.video import (
     BROADWAY_MODULE,
     MIN_DISPLAY_SIZE,
@@ -75,7 +76,8 @@ def served(demo):
     return app, Client(app.local_url, verbose=False)
 
 
-def test_without_a_model_the_app_says_it_needs_a_local_pipeline_and_broadway():
+def test_without_a_model_the_app_says_it_needs_a_local_pipeline_and_broadway(monkeypatch):
+    monkeypatch.setattr(video_demo, "shipped_pipeline", lambda: None)  # an installation without the world pipeline
     app, client = served(VideoDemo())
     try:
         status = client.predict(api_name="/status")
@@ -106,6 +108,7 @@ def test_broadway_runs_side_by_side_with_the_same_seed(fake_broadway):
 
 
 def test_without_broadway_only_the_vanilla_video_is_rendered(monkeypatch):
+    monkeypatch.setattr(video_demo, "shipped_pipeline", lambda: None)
     monkeypatch.setitem(sys.modules, BROADWAY_MODULE, None)  # the module cannot be imported
     assert broadway_status() == (None, NO_BROADWAY)
     demo = VideoDemo(pipeline=StillOrMovingPipeline())
