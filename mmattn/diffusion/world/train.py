@@ -48,7 +48,9 @@ def make_pool(seed: int, num: int, workers: int = 1, chunk: int = 256) -> tuple[
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        # fork: the pool is made before anything touches CUDA, and forked workers skip re-importing the package
+        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with context.Pool(min(workers, len(jobs))) as pool:
             parts = pool.starmap(gen.generate_clips, jobs)
     else:
         parts = [gen.generate_clips(*job) for job in jobs]
@@ -85,7 +87,7 @@ def train_vae(vae, frames_u8: torch.Tensor, *, steps: int, batch: int, lr: float
     for step in range(steps):
         if clock.out_of_time():
             break
-        index = torch.randint(0, frames_u8.shape[0], (batch,), generator=generator, device="cpu").to(device)
+        index = torch.randint(0, frames_u8.shape[0], (batch,), generator=generator, device=device)
         x = _to_unit(frames_u8[index])
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
             posterior = vae.encode(x).latent_dist
@@ -164,7 +166,7 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     parameters = {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
                   "unet": count_parameters(unet)}
     print(f"parameters: {json.dumps(parameters)}", flush=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     pool = torch.from_numpy(pool_u8).to(device)
 
     # 1. the VAE, on single frames
@@ -210,7 +212,9 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     ema = EMA(trained, ema_decay)
     unet.train()
     text_encoder.train()
-    step, running, history, t_unet = 0, 0.0, [], time.time()
+    # noise, timesteps and picks come from a generator on the device: no host work or copies per step
+    draw = torch.Generator(device=device).manual_seed(seed)
+    step, history, t_unet = 0, [], time.time()
     while plan["total"] is None or step < plan["total"]:
         if clock.out_of_time():
             print(f"--max-minutes reached at step {step}: saving", flush=True)
@@ -221,13 +225,13 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
             rate = step / (time.time() - t_unet)
             plan["total"] = max(step + 1, int(rate * 60 * unet_minutes))
             print(f"{rate:.1f} steps/s: {plan['total']} UNet steps for {unet_minutes} minutes", flush=True)
-        index = torch.randint(0, latents.shape[0], (batch,), generator=generator).to(device)
+        index = torch.randint(0, latents.shape[0], (batch,), generator=draw, device=device)
         x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=draw, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=draw, device=device)
         noisy = scheduler.add_noise(x0, noise, t)
         ids = prompt_ids[clip_prompt[index]]
-        drop = (torch.rand(batch, generator=generator) < EMPTY_PROMPT_RATE).to(device)
+        drop = torch.rand(batch, generator=draw, device=device) < EMPTY_PROMPT_RATE
         ids = torch.where(drop[:, None], empty_ids, ids)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
             # one context per frame, as AnimateDiffPipeline passes it (the UNet folds frames into the batch)
