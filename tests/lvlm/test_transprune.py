@@ -93,11 +93,14 @@ def reference(model, sample, steps):
     return first_logits, tokens, keep_sets
 
 
+@pytest.mark.parametrize("batch", ["padded", "single"])  # "single": no padding anywhere, masks stay None
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_transprune_matches_per_sample_rederivation(kind):
+def test_transprune_matches_per_sample_rederivation(kind, batch):
     build, make = (tiny_llava, llava_inputs) if kind == "llava" else (tiny_llava_next, llava_next_inputs)
     model = build(layers=5, seed=13)
     inputs = make(model)
+    if batch == "single":
+        inputs = select_sample(inputs, 1)
     method = mmattn.TransPrune(**CFG)
     with torch.no_grad(), mmattn.patch(model, method):
         logits = model(**inputs).logits[:, -1]

@@ -121,14 +121,27 @@ class TransPrune(AttentionMethod):
         if layout is None or not bool(layout.image.any()):
             return  # text-only prompts are not pruned (reference D)
         valid = layout.valid
+        # Per-sample counts on the host, read once per request: every later shape (compacted widths, the first
+        # instruction row, whether a mask is needed) follows from them, so no layer has to wait for the GPU.
+        image = layout.image & valid
+        positions = torch.arange(layout.prompt_length, device=valid.device)
+        image_end = torch.where(image, positions, -1).amax(1) + 1
+        n_valid, n_image, after = torch.stack(
+            [valid.sum(1), image.sum(1), (valid & (positions >= image_end[:, None])).sum(1)]).tolist()
+        keep = [[int(n * ratio) for n in n_image] for ratio in self.config.keep_ratios]  # floor(N_b * r)
         self._state = {
+            "host": {"text": [v - i for v, i in zip(n_valid, n_image)], "keep": keep, "after": after},
+            # Device copies made now, while the request waits for the GPU anyway (a copy later would stall a layer).
+            "after": torch.tensor(after, device=valid.device),
+            "keep_counts": torch.tensor(keep, device=valid.device),
+            "mask": None if all(v == layout.prompt_length for v in n_valid) else valid.clone(),
             "map": torch.arange(layout.prompt_length, device=valid.device).expand(layout.batch_size, -1).clone(),
             "valid": valid.clone(),
             "ttv": torch.zeros(valid.shape, device=valid.device),
             "captured": {},
-            "original_images": layout.image.sum(1),
             "removed": {},  # layer index -> [B] tokens removed before it
-            "masks": {},  # layer index -> [B, L'] prompt mask at that layer
+            "widths": {},  # layer index -> prompt length at that layer
+            "masks": {},  # layer index -> [B, L'] prompt mask at that layer, None when nothing is padded
             "kept": [],  # per stage: [B, N] bool over prompt positions, the image tokens still present
             "position_ids": None,
             "rope": None,
@@ -165,24 +178,21 @@ class TransPrune(AttentionMethod):
             if context.step == 0:
                 if index in self._prune_index:
                     hidden = self._prune(index, hidden, kwargs)
-                kwargs = {**kwargs, "attention_mask": self._mask(state["valid"]),
+                kwargs = {**kwargs, "attention_mask": state["mask"],
                           "position_ids": state["position_ids"], "position_embeddings": state["rope"]}
             else:
                 kwargs = self._decode_kwargs(index, hidden, kwargs)
             context.sequence_maps[index] = state["map"] if context.step == 0 else context.sequence_maps[index]
             if context.step == 0:
                 state["removed"][index] = state["removed_now"]
-                state["masks"][index] = state["valid"]
+                state["masks"][index] = state["mask"]
+                state["widths"][index] = hidden.shape[1]
             args = (hidden, *args[1:]) if args else args
             if not args:
                 kwargs["hidden_states"] = hidden
             return args, kwargs
 
         return hook
-
-    @staticmethod
-    def _mask(valid: torch.Tensor) -> torch.Tensor | None:
-        return None if bool(valid.all()) else valid
 
     def _scores(self, index: int, hidden: torch.Tensor, kwargs: dict, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """alpha * TTV + (1 - alpha) * IGA over the current image tokens ([B, L], zero elsewhere)."""
@@ -191,9 +201,11 @@ class TransPrune(AttentionMethod):
         batch, length, _ = hidden.shape
         positions = torch.arange(length, device=hidden.device)
         # Rows after the image block (instruction + template tokens, reference T10); left padding makes them a
-        # suffix of every row of the batch, so only that suffix is projected.
-        image_end = torch.where(image, positions, -1).amax(1) + 1
-        first_row = int(image_end.min())
+        # suffix of every row of the batch, so only that suffix is projected. Pruning removes image tokens only,
+        # so sample b's image block still ends `after[b]` tokens before the end of the row.
+        after = self._state["host"]["after"]
+        first_row = length - max(after)
+        image_end = length - self._state["after"].to(hidden.device)
         rows = (positions[None, first_row:] >= image_end[:, None]) & valid[:, first_row:]
         z = layer.input_layernorm(hidden)
         head_dim = attn.head_dim
@@ -225,13 +237,16 @@ class TransPrune(AttentionMethod):
         else:
             kwargs_rope = {"position_embeddings": state["rope"]}
         scores = self._scores(index, hidden, kwargs_rope, image, valid)
-        ratio = self.config.keep_ratios[self._prune_index[index]]
-        keep_counts = (state["original_images"].to(device).float() * ratio).floor().long()
+        stage = self._prune_index[index]
+        host = state["host"]
+        host_keep = host["keep"][stage]  # floor(N_b * r) of the sample's original image tokens
+        keep_counts = state["keep_counts"][stage].to(device)
         ranked = scores.masked_fill(~image, float("-inf")).argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=device).expand_as(ranked))
         keep = valid & (~image | (rank < keep_counts[:, None]))
         counts = keep.sum(1)
-        width = int(counts.max())
+        host_counts = [t + k for t, k in zip(host["text"], host_keep)]
+        width = max(host_counts)
         # Left-padded compaction: sample b's kept positions, in order, right-aligned.
         order = torch.where(keep, torch.arange(keep.shape[1], device=device), keep.shape[1] + torch.arange(keep.shape[1], device=device))
         kept_sorted = order.sort(dim=1).values[:, :width]  # kept first, in order
@@ -245,32 +260,36 @@ class TransPrune(AttentionMethod):
         state["map"] = torch.where(new_valid, torch.gather(state["map"].to(device), 1, source), torch.full_like(source, -1))
         state["ttv"] = torch.where(new_valid, torch.gather(state["ttv"].to(device), 1, source), torch.zeros_like(source, dtype=torch.float32))
         state["valid"] = new_valid
+        state["mask"] = None if all(c == width for c in host_counts) else new_valid
         positions = (new_valid.long().cumsum(1) - 1).clamp_min(0)
         state["position_ids"] = positions
         state["rope"] = self._rotary(hidden, position_ids=positions)
         state["removed_now"] = valid.sum(1) - counts + state.get("removed_before", torch.zeros_like(counts))
         state["removed_before"] = state["removed_now"]
-        kept_prompt = torch.zeros(layout.roles.shape, dtype=torch.bool, device=device)
-        for b in range(kept_prompt.shape[0]):
-            kept_prompt[b, state["map"][b][new_valid[b]]] = True
-        state["kept"].append(kept_prompt & layout.image.to(device))
+        # Scatter into one spare column that absorbs the padding slots (map -1), then drop it.
+        prompt_length = layout.roles.shape[1]
+        kept_prompt = torch.zeros(layout.roles.shape[0], prompt_length + 1, dtype=torch.bool, device=device)
+        kept_prompt.scatter_(1, torch.where(new_valid, state["map"], prompt_length), True)
+        state["kept"].append(kept_prompt[:, :prompt_length] & layout.image.to(device))
         return hidden
 
     def _decode_kwargs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
         state = self._state
         removed = state["removed"][index].to(hidden.device)
         positions = kwargs["position_ids"] - removed[:, None]
-        prompt_mask = state["masks"][index].to(hidden.device)
+        prompt_mask = state["masks"][index]
         full = kwargs.get("attention_mask")
         if full is not None and full.dim() == 2:
             generated = full[:, self._context.layout.prompt_length:].bool()
-            mask = torch.cat([prompt_mask, generated], dim=1)
+            if prompt_mask is None:
+                prompt_mask = torch.ones(full.shape[0], state["widths"][index], dtype=torch.bool, device=hidden.device)
+            mask = torch.cat([prompt_mask.to(hidden.device), generated], dim=1)
         elif full is None:
-            generated = torch.ones(prompt_mask.shape[0], 0, dtype=torch.bool, device=hidden.device)
-            mask = None if bool(prompt_mask.all()) else prompt_mask
-            if mask is not None:
+            mask = None
+            if prompt_mask is not None:
                 past = self._context.step  # tokens generated before this step, plus this one
-                mask = torch.cat([prompt_mask, torch.ones(prompt_mask.shape[0], past, dtype=torch.bool, device=hidden.device)], 1)
+                mask = torch.cat([prompt_mask.to(hidden.device),
+                                  torch.ones(prompt_mask.shape[0], past, dtype=torch.bool, device=hidden.device)], 1)
         else:
             raise RuntimeError("TransPrune needs 2D padding masks (the mmattn attention implementation provides them)")
         return {**kwargs, "position_ids": positions, "position_embeddings": self._rotary(hidden, position_ids=positions),
