@@ -53,6 +53,7 @@ class RunSettings:
     device: str | None
     dtype: str | None
     out: Path
+    deterministic: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -153,6 +154,7 @@ def check_same_run(settings: RunSettings, items: Sequence[Item], model_path: str
         "max_new_tokens": settings.max_new_tokens,
         "seed": settings.seed,
         "dtype": settings.dtype,
+        "deterministic": settings.deterministic,
         "items": hashlib.sha256("\n".join(f"{i.key}|{i.image_path.name}|{i.prompt}" for i in items).encode()).hexdigest(),
     }
     path = settings.out / "run.json"
@@ -201,6 +203,8 @@ def run_generation(
     if missing_images:  # before the (slow) model load
         more = f" and {len(missing_images) - 1} more" if len(missing_images) > 1 else ""
         raise EvalInputError(f"image not found: {missing_images[0]}{more}")
+    if settings.deterministic:
+        use_deterministic_kernels()
     rank, world_size, state = process_state()
     device = settings.device
     if state is not None and device is None:
@@ -283,7 +287,20 @@ def _settings(args: argparse.Namespace) -> RunSettings:
     return RunSettings(
         model=args.model, methods=list(args.method or []), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, dtype=args.dtype, out=Path(args.out),
+        deterministic=args.deterministic,
     )
+
+
+def use_deterministic_kernels() -> None:
+    """Bit-reproducible GPU runs: deterministic algorithms everywhere (cuBLAS with a fixed workspace, no cuDNN
+    autotuning) and no cuDNN attention, at some cost in speed. Must run before the first cuBLAS call."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, not fails
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _versions() -> dict[str, str]:
@@ -431,6 +448,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels, so a rerun (or a run on more GPUs) gives the same answers bit "
+                             "for bit; slower. Without it, GPU answers can differ between runs where logits nearly tie")
     parser.add_argument("--out", required=True, help="output directory; rerunning the same command resumes it")
 
 

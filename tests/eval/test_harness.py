@@ -170,3 +170,21 @@ def test_resuming_into_a_folder_of_another_run_is_refused(checkpoint, dataset, t
     assert main(pope_args(checkpoint, dataset, tmp_path, "--method", "role_bias:image=1.0")) == 2
     assert "holds a different run (changed: methods)" in capsys.readouterr().err
     assert main(pope_args(checkpoint, dataset, tmp_path)) == 0  # the same command resumes (nothing left to do)
+
+
+def test_deterministic_flag_is_part_of_the_run(checkpoint, dataset, tmp_path):
+    import json
+
+    import torch
+
+    try:
+        assert main(pope_args(checkpoint, dataset, tmp_path / "det", "--deterministic")) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    assert json.loads((tmp_path / "det" / "run.json").read_text())["deterministic"] is True
+    assert main(pope_args(checkpoint, dataset, tmp_path / "plain")) == 0
+    assert (tmp_path / "det" / "samples.jsonl").read_text() == (tmp_path / "plain" / "samples.jsonl").read_text()
+    assert main(pope_args(checkpoint, dataset, tmp_path / "det")) == 2  # resuming without the flag is refused
