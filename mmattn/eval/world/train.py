@@ -137,7 +137,7 @@ def collate(rows, images_u8, mean, std, device, pad_id: int):
     return ids.to(device), mask.to(device), labels.to(device), pix
 
 
-def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 12000, epochs: int = 6,
+def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 24000, epochs: int = 6,
           batch_size: int = 64, lr: float = 2e-3, qa_turns: int = 4, data_seed: int = 0, workers: int = 1,
           log_every: int = 50, max_steps: int | None = None, max_minutes: float | None = None,
           amp: bool = False, stop_step: int | None = None) -> dict:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-train", type=int, default=12000)
+    p.add_argument("--num-train", type=int, default=24000)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
