@@ -107,6 +107,23 @@ def test_training_smoke_saves_and_reloads(trained_tiny):
     assert world.load_pipeline(path=out).tokenizer("a red square").input_ids == pipe.tokenizer("a red square").input_ids
 
 
+def test_training_continues_a_saved_pipeline(trained_tiny, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL, UNetMotionModel
+
+    from mmattn.diffusion.world.train import train
+
+    first, first_info = trained_tiny
+    out = tmp_path / "continued"
+    info = train(str(out), seed=1, device="cpu", clips=8, unet_steps=2, batch=2, log_every=1, init_from=str(first))
+    assert info["vae_steps"] == 0 and info["unet_steps_total"] == first_info["unet_steps"] + 2
+    assert info["model"] == first_info["model"] and info["scaling_factor"] == first_info["scaling_factor"]
+    before, after = (AutoencoderKL.from_pretrained(str(d), subfolder="vae") for d in (first, out))
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    unet_before, unet_after = (UNetMotionModel.from_pretrained(str(d), subfolder="unet") for d in (first, out))
+    assert not all(torch.equal(a, b) for a, b in zip(unet_before.state_dict().values(), unet_after.state_dict().values()))
+
+
 def test_evaluation_runs_with_and_without_broadway(trained_tiny):
     from mmattn.diffusion.world.evaluate import evaluate, markdown_table
 

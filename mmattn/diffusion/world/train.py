@@ -144,7 +144,14 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
           model_config: WorldModelConfig | None = None, vae_steps: int = 1500, vae_batch: int = 256,
           vae_lr: float = 1e-3, unet_steps: int | str = "auto", unet_minutes: float = 4.0, batch: int = 32,
           lr: float = 5e-4, ema_decay: float = 0.999, max_minutes: float | None = None, amp: bool | None = None,
-          log_every: int = 50) -> dict:
+          log_every: int = 50, init_from: str | None = None) -> dict:
+    previous = None
+    if init_from is not None:
+        # Continue a saved pipeline: its VAE (and latent scale) stay fixed, UNet and text encoder train on.
+        with open(os.path.join(init_from, "training_info.json")) as f:
+            previous = json.load(f)
+        model_config = WorldModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in previous["model"].items()})
     config = model_config or WorldModelConfig()
     amp = device.startswith("cuda") if amp is None else amp
     if device.startswith("cuda"):
@@ -159,7 +166,10 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
           f"{t_data:.1f}s", flush=True)
 
     torch.manual_seed(seed)
-    vae, text_encoder, tokenizer, unet = build_all(config)
+    if init_from is None:
+        vae, text_encoder, tokenizer, unet = build_all(config)
+    else:
+        vae, text_encoder, tokenizer, unet = load_parts(init_from)
     vae.to(device)
     text_encoder.to(device)
     unet.to(device)
@@ -170,16 +180,22 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     pool = torch.from_numpy(pool_u8).to(device)
 
     # 1. the VAE, on single frames
-    vae_info = train_vae(vae, pool.reshape(-1, *pool.shape[2:]), steps=vae_steps, batch=vae_batch, lr=vae_lr,
-                         device=device, amp=amp, generator=generator, clock=clock, log_every=log_every)
+    if init_from is None:
+        vae_info = train_vae(vae, pool.reshape(-1, *pool.shape[2:]), steps=vae_steps, batch=vae_batch, lr=vae_lr,
+                             device=device, amp=amp, generator=generator, clock=clock, log_every=log_every)
+    else:
+        vae_info = {"vae_steps": 0, "vae_final_loss": None}
     vae.requires_grad_(False)
     t_vae = clock.elapsed()
 
     # 2. the pool's latents, and the scaling factor that gives them unit variance
     latents = encode_pool(vae, pool, device, amp)
     del pool
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if init_from is None:
+        scaling = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        scaling = float(vae.config.scaling_factor)  # the UNet learned latents at this scale
     latents = latents.mul_(scaling)
     print(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.4f}, {clock.elapsed():.0f}s", flush=True)
 
@@ -270,6 +286,9 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
         "vae_seconds": round(t_vae - t_data, 1), "unet_seconds": round(t_unet, 1),
         "total_seconds": round(clock.elapsed(), 1),
     }
+    if previous is not None:
+        info["init_from"] = {"path": init_from, "training_info": previous}
+        info["unet_steps_total"] = previous.get("unet_steps_total", previous["unet_steps"]) + step
     with open(os.path.join(out, "training_info.json"), "w") as f:
         json.dump(info, f, indent=1)
         f.write("\n")
@@ -295,12 +314,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="toy widths (smoke tests; the result is useless)")
     p.add_argument("--frames", type=int, default=gen.FRAMES, help="frames per training clip (<= 16)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--init-from", metavar="DIR", help="continue training a saved world pipeline (its model config "
+                   "and VAE are kept; --vae-steps is ignored)")
     a = p.parse_args(argv)
     config = tiny_config(a.frames) if a.tiny else WorldModelConfig(frames=a.frames)
     steps = a.unet_steps if a.unet_steps == "auto" else int(a.unet_steps)
     train(a.out, a.seed, a.device, data_seed=a.data_seed, clips=a.clips, workers=a.workers, model_config=config,
           vae_steps=a.vae_steps, vae_batch=a.vae_batch, unet_steps=steps, unet_minutes=a.unet_minutes,
-          batch=a.batch, lr=a.lr, max_minutes=a.max_minutes, log_every=a.log_every)
+          batch=a.batch, lr=a.lr, max_minutes=a.max_minutes, log_every=a.log_every, init_from=a.init_from)
+
+
+def load_parts(path: str):
+    """``(vae, text_encoder, tokenizer, unet)`` of a saved world pipeline, in float32."""
+    from diffusers import AutoencoderKL, UNetMotionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return (AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            UNetMotionModel.from_pretrained(path, subfolder="unet"))
 
 
 def tiny_config(frames: int = gen.FRAMES) -> WorldModelConfig:
