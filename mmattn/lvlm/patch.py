@@ -105,6 +105,11 @@ class PatchContext:
     branch_owner: Any = None  # that method: the only one asked for edits on the auxiliary branch
     bypass: bool = False  # True while a method runs an auxiliary forward that must see plain attention
 
+    def __post_init__(self) -> None:
+        # The methods that edit or observe attention calls. Methods that only rewrite the sequence (TransPrune)
+        # keep the base class's ``edit``; leaving them out lets every call take the direct kernel path.
+        self._attention_methods = [m for m in self.methods if type(m).edit is not AttentionMethod.edit]
+
     @property
     def config(self):
         return self.model.config
@@ -252,7 +257,7 @@ class PatchContext:
     def run_attention(self, module, query, key, value, key_padding, dense_mask, scale, causal):
         call = self._call_for(module, query, key, value, key_padding, scale)
         edit, projections, askers = None, [], []
-        methods = self.methods if self.branch == "image" else [self.branch_owner]
+        methods = self._attention_methods if self.branch == "image" else [self.branch_owner]
         output_scales = []  # head scales of other methods' row ranges, applied to the output (same math)
         for method in methods:
             method_edit = method.edit(self, call)
@@ -377,7 +382,7 @@ def mmattn_attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
     context = _CONTEXT_BY_MODULE.get(module)
-    if context is None or context.bypass or not context.methods:
+    if context is None or context.bypass or (not context._attention_methods and context.branch == "image"):
         output, _ = kernels.attention(query, key, value, scale=scale, causal=causal, key_padding=key_padding, dense_mask=dense_mask)
         return output, None
     return context.run_attention(module, query, key, value, key_padding, dense_mask, scale, causal), None

@@ -274,6 +274,18 @@ class TransPrune(AttentionMethod):
         return hidden
 
     def _decode_kwargs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        # The layers of one pruning stage share their position shift and prompt mask (the same tensors), so a
+        # decode step computes positions, RoPE and mask once per stage rather than once per layer.
+        state = self._state
+        key = (self._context.step, id(state["removed"][index]), id(state["masks"][index]))
+        cached = state.get("decode_cache")
+        if cached is None or cached[0][0] != key[0]:
+            cached = state["decode_cache"] = [(key[0], None, None), {}]
+        if key not in cached[1]:
+            cached[1][key] = self._decode_inputs(index, hidden, kwargs)
+        return {**kwargs, **cached[1][key]}
+
+    def _decode_inputs(self, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
         state = self._state
         removed = state["removed"][index].to(hidden.device)
         positions = kwargs["position_ids"] - removed[:, None]
@@ -292,16 +304,13 @@ class TransPrune(AttentionMethod):
                                   torch.ones(prompt_mask.shape[0], past, dtype=torch.bool, device=hidden.device)], 1)
         else:
             raise RuntimeError("TransPrune needs 2D padding masks (the mmattn attention implementation provides them)")
-        return {**kwargs, "position_ids": positions, "position_embeddings": self._rotary(hidden, position_ids=positions),
+        return {"position_ids": positions, "position_embeddings": self._rotary(hidden, position_ids=positions),
                 "attention_mask": mask}
 
     @property
     def kept_image_tokens(self) -> list[torch.Tensor]:
         """Per pruning stage, [B, N] bool over prompt positions: the image tokens kept after that stage."""
         return [] if self._state is None else list(self._state["kept"])
-
-    def edit(self, context, call):
-        return None  # TransPrune edits the sequence, not the attention scores
 
 
 __all__ = ["TransPrune", "TransPruneConfig", "transprune_tflops", "transition_score"]
