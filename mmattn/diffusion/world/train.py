@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import generate as gen
+from ...eval.io import write_json_atomic
 from .model import WorldModelConfig, assemble_pipeline, build_all, build_scheduler, count_parameters
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline")
@@ -289,9 +290,7 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     if previous is not None:
         info["init_from"] = {"path": init_from, "training_info": previous}
         info["unet_steps_total"] = previous.get("unet_steps_total", previous["unet_steps"]) + step
-    with open(os.path.join(out, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-        f.write("\n")
+    write_json_atomic(os.path.join(out, "training_info.json"), info, indent=1)
     print(json.dumps(info), flush=True)
     return info
 

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from ..io import write_json_atomic
 from . import build
 from . import generate as gen
 
@@ -228,9 +229,7 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 24000, 
             "batch_size": batch_size, "lr": lr, "amp_bf16": amp, "torch_threads": torch.get_num_threads(), "qa_turns": qa_turns, "steps": step,
             "planned_steps": total, "stop_step": stop_step, "parameters": n_params, "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
             "final_loss": history[-1][1] if history else None}
-    with open(os.path.join(out, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-        f.write("\n")
+    write_json_atomic(os.path.join(out, "training_info.json"), info, indent=1)
     print(json.dumps(info), flush=True)
     return info
 
