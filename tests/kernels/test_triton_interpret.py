@@ -185,7 +185,8 @@ def _score_edits(kv_len, groups, g, which):
 
 @in_process
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("which", ["group_bias", "group_gain", "key_bias", "key_bias_shared", "head_scale"])
+@pytest.mark.parametrize("which", ["group_bias", "group_gain", "key_bias", "key_bias_shared", "head_scale",
+                                   "group_bias+key_bias_shared", "group_bias+group_gain"])
 @pytest.mark.parametrize("rows", ["all", "start", "start_end"])
 def test_score_edits(path, which, rows):
     q_len = 4 if path == "decode" else 21
