@@ -144,6 +144,17 @@ def _video(args: argparse.Namespace) -> int:
             raise EvalInputError("give --prompts FILE or at least one --prompt")
         metrics = args.metrics or list(OFFLINE_METRICS if offline else DEFAULT_METRICS)
         flow = args.flow or ("lucas_kanade" if offline else "raft_large")
+        if "world" in metrics:
+            # The world statistic only scores world prompts: check them all now, not after generating (a failure
+            # mid-run would also leave a config.json that refuses the corrected prompts in the same --out).
+            from mmattn.diffusion.world.generate import parse_prompt
+
+            for prompt in prompts:
+                try:
+                    parse_prompt(prompt)
+                except ValueError as error:
+                    raise EvalInputError(f"the world metric scores video-world prompts only: {error}; drop 'world' "
+                                         "from --metrics to score other prompts") from None
         overrides = {k: getattr(args, k) for k in ("alpha", "beta", "stop") if getattr(args, k) is not None}
         if args.tau is not None:
             overrides["tau"] = args.tau if args.tau == "all_but_dc" else int(args.tau)

@@ -197,3 +197,18 @@ def test_demo_video_defaults_to_the_world(trained_tiny, monkeypatch):
     assert demo.default_prompt() == video_demo.WORLD_PROMPT and demo.model_name() == "offline video world"
     vanilla, treated, report = demo.generate(video_demo.WORLD_PROMPT, 0, 16, 2, 7.5, 0.6, 1.5, 7, 1.0)
     assert vanilla and treated and report["vanilla"]["frame_change"] >= 0
+
+
+def test_eval_video_refuses_non_world_prompts_before_generating(trained_tiny, monkeypatch, tmp_path, capsys):
+    # The default (offline) metrics include the world statistic: a prompt it cannot score must stop the run before
+    # anything is generated or config.json is written, so the same --out can be reused with corrected prompts.
+    from mmattn.cli import main
+
+    out, _ = trained_tiny
+    monkeypatch.setattr(world, "pipeline_dir", lambda: out)
+    run = tmp_path / "run"
+    assert main(["eval", "video", "--prompt", "a red square moving left", "--prompt", "a corgi running",
+                 "--frames", "16", "--steps", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "video-world prompts only" in err and "'a corgi running'" in err
+    assert not (run / "config.json").exists() and not (run / "videos").exists()
