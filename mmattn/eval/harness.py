@@ -143,6 +143,9 @@ def read_finished(path: Path) -> dict[str, dict[str, Any]]:
     return finished
 
 
+FINGERPRINT_DEFAULTS = {"deterministic": False}  # what a run.json written before each key existed implies
+
+
 def check_same_run(settings: RunSettings, items: Sequence[Item], model_path: str, rank: int, state) -> None:
     """Refuse to resume into a folder that holds a different run: its samples would be mixed into this one's."""
     import hashlib
@@ -160,6 +163,8 @@ def check_same_run(settings: RunSettings, items: Sequence[Item], model_path: str
     path = settings.out / "run.json"
     if path.exists():
         previous = json.loads(path.read_text())
+        # Keys added to the fingerprint later are absent from older runs; those runs used the key's old behaviour.
+        previous = {**FINGERPRINT_DEFAULTS, **previous}
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
             raise EvalInputError(

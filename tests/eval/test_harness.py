@@ -188,3 +188,22 @@ def test_deterministic_flag_is_part_of_the_run(checkpoint, dataset, tmp_path):
     assert main(pope_args(checkpoint, dataset, tmp_path / "plain")) == 0
     assert (tmp_path / "det" / "samples.jsonl").read_text() == (tmp_path / "plain" / "samples.jsonl").read_text()
     assert main(pope_args(checkpoint, dataset, tmp_path / "det")) == 2  # resuming without the flag is refused
+
+
+def test_run_from_before_the_deterministic_flag_still_resumes(checkpoint, dataset, tmp_path, capsys):
+    # run.json written before --deterministic existed has no such key: that run was not deterministic, so the same
+    # command (no flag) must resume it, and the flag must still be refused as a different run.
+    assert main(pope_args(checkpoint, dataset, tmp_path)) == 0
+    fingerprint = json.loads((tmp_path / "run.json").read_text())
+    del fingerprint["deterministic"]
+    (tmp_path / "run.json").write_text(json.dumps(fingerprint))
+    assert main(pope_args(checkpoint, dataset, tmp_path)) == 0
+    import torch
+
+    try:
+        assert main(pope_args(checkpoint, dataset, tmp_path, "--deterministic")) == 2
+    finally:  # the flag switches process-wide settings before the run is checked
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    assert "changed: deterministic" in capsys.readouterr().err
