@@ -36,7 +36,7 @@ def ttv_term(x, y):
     return m * e / e.sum()
 
 
-def reference(model, sample, steps):
+def reference(model, sample, steps, cfg=CFG):
     """One unpadded sample: prefill with scoring and pruning, then greedy decode without a cache."""
     lm = model.model.language_model
     captured = {}
@@ -47,7 +47,7 @@ def reference(model, sample, steps):
     embeds = captured["e"]
     image = (sample["input_ids"][0] == model.config.image_token_id)
     n_image = int(image.sum())
-    prune_at = {p: r for p, r in zip(CFG["prune_layers"], CFG["keep_ratios"])}  # prune before layers[p]
+    prune_at = {p: r for p, r in zip(cfg["prune_layers"], cfg["keep_ratios"])}  # prune before layers[p]
     keep_sets = {}
     tokens = []
     for step in range(steps + 1):
@@ -82,7 +82,7 @@ def reference(model, sample, steps):
             u = h + y_a
             x_f = layer.post_attention_layernorm(u)
             y_f = layer.mlp(x_f)
-            if index + 1 in CFG["accumulation_layers"] and step == 0:
+            if index + 1 in cfg["accumulation_layers"] and step == 0:
                 ttv = ttv + ttv_term(x_a[0], y_a[0]) + ttv_term(x_f[0], y_f[0])
             h = u + y_f
         logits = model.lm_head(lm.norm(h))[0, -1]
@@ -121,6 +121,31 @@ def test_transprune_matches_per_sample_rederivation(kind, batch):
         ours_tokens = generated[b].tolist()
         stop = ours_tokens.index(2) + 1 if 2 in ours_tokens else len(ours_tokens)  # generate() stops at EOS
         assert ours_tokens[:stop] == ref_tokens[:stop]
+
+
+def test_two_images_per_sample_when_the_last_image_is_pruned_away():
+    # IGA's rows start after the last image token still present; once a stage has removed every token of a sample's
+    # last image, the rows between its images (here the word after the first image) count too, as in the reference.
+    cfg = dict(accumulation_layers=(1, 2, 3), prune_layers=(1, 2, 3), keep_ratios=(0.5, 0.3, 0.1))
+    model = tiny_llava(layers=5, seed=1)
+    inputs = llava_inputs(model, images_per_prompt=2, seed=1)
+    method = mmattn.TransPrune(**cfg)
+    with torch.no_grad(), mmattn.patch(model, method):
+        logits = model(**inputs).logits[:, -1]
+    kept = [k.clone() for k in method.kept_image_tokens]
+    image = inputs["input_ids"] == model.config.image_token_id
+    second_image = [image[b].nonzero().flatten()[25:] for b in range(image.shape[0])]
+    assert any(not kept[1][b, second_image[b]].any() for b in range(image.shape[0])), "the case is not exercised"
+    for b in range(inputs["input_ids"].shape[0]):
+        sample = select_sample(inputs, b, images_per_prompt=2)
+        with torch.no_grad():
+            ref_logits, _, ref_keep = reference(model, sample, 0, cfg)
+        offset = inputs["input_ids"].shape[1] - sample["input_ids"].shape[1]
+        for stage, layer in enumerate(cfg["prune_layers"]):
+            ours = (kept[stage][b].nonzero().flatten() - offset).tolist()
+            theirs = [p for p in ref_keep[layer].tolist() if bool(image[b, p + offset])]
+            assert ours == theirs, f"sample {b}, stage {stage}: kept image tokens differ"
+        torch.testing.assert_close(logits[b].double(), ref_logits.double(), atol=1e-4, rtol=1e-4)
 
 
 def test_flop_counter_reproduces_the_paper():

@@ -126,13 +126,16 @@ class TransPrune(AttentionMethod):
         image = layout.image & valid
         positions = torch.arange(layout.prompt_length, device=valid.device)
         image_end = torch.where(image, positions, -1).amax(1) + 1
-        n_valid, n_image, after = torch.stack(
-            [valid.sum(1), image.sum(1), (valid & (positions >= image_end[:, None])).sum(1)]).tolist()
+        image_start = torch.where(image, positions, layout.prompt_length).amin(1)
+        blocks = (image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))).sum(1)  # separate runs of image tokens
+        n_valid, n_image, after, before, n_blocks = torch.stack(
+            [valid.sum(1), image.sum(1), (valid & (positions >= image_end[:, None])).sum(1),
+             (valid & (positions < image_start[:, None])).sum(1), blocks]).tolist()
         keep = [[int(n * ratio) for n in n_image] for ratio in self.config.keep_ratios]  # floor(N_b * r)
         self._state = {
-            "host": {"text": [v - i for v, i in zip(n_valid, n_image)], "keep": keep, "after": after},
+            "host": {"text": [v - i for v, i in zip(n_valid, n_image)], "keep": keep, "after": after,
+                     "before": before, "blocks": n_blocks, "n_image": n_image, "valid_now": n_valid},
             # Device copies made now, while the request waits for the GPU anyway (a copy later would stall a layer).
-            "after": torch.tensor(after, device=valid.device),
             "keep_counts": torch.tensor(keep, device=valid.device),
             "mask": None if all(v == layout.prompt_length for v in n_valid) else valid.clone(),
             "map": torch.arange(layout.prompt_length, device=valid.device).expand(layout.batch_size, -1).clone(),
@@ -200,12 +203,16 @@ class TransPrune(AttentionMethod):
         attn = layer.self_attn
         batch, length, _ = hidden.shape
         positions = torch.arange(length, device=hidden.device)
-        # Rows after the image block (instruction + template tokens, reference T10); left padding makes them a
-        # suffix of every row of the batch, so only that suffix is projected. Pruning removes image tokens only,
-        # so sample b's image block still ends `after[b]` tokens before the end of the row.
-        after = self._state["host"]["after"]
-        first_row = length - max(after)
-        image_end = length - self._state["after"].to(hidden.device)
+        # Rows after the last image token still present (instruction + template tokens, reference T10); left
+        # padding makes them a suffix of every row of the batch, so only that suffix is projected. Its start comes
+        # from host counts, a bound at or before every sample's image end: pruning removes image tokens only, so a
+        # single image block still ends `after[b]` tokens before the end of the row; with several blocks, a stage
+        # may remove the last one entirely, and the bound falls back to the sample's first image token.
+        host = self._state["host"]
+        bounds = [length - a if k == 1 else length - v + b + 1 for n, k, a, b, v in zip(
+            host["n_image"], host["blocks"], host["after"], host["before"], host["valid_now"]) if n]
+        first_row = min(bounds, default=0)
+        image_end = torch.where(image, positions, -1).amax(1) + 1
         rows = (positions[None, first_row:] >= image_end[:, None]) & valid[:, first_row:]
         z = layer.input_layernorm(hidden)
         head_dim = attn.head_dim
@@ -261,6 +268,7 @@ class TransPrune(AttentionMethod):
         state["ttv"] = torch.where(new_valid, torch.gather(state["ttv"].to(device), 1, source), torch.zeros_like(source, dtype=torch.float32))
         state["valid"] = new_valid
         state["mask"] = None if all(c == width for c in host_counts) else new_valid
+        host["valid_now"] = host_counts
         positions = (new_valid.long().cumsum(1) - 1).clamp_min(0)
         state["position_ids"] = positions
         state["rope"] = self._rotary(hidden, position_ids=positions)
