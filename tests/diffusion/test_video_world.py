@@ -212,3 +212,12 @@ def test_eval_video_refuses_non_world_prompts_before_generating(trained_tiny, mo
     err = capsys.readouterr().err
     assert "video-world prompts only" in err and "'a corgi running'" in err
     assert not (run / "config.json").exists() and not (run / "videos").exists()
+
+
+def test_training_refuses_more_frames_than_the_clips_have(tmp_path):
+    # The world's clips have gen.FRAMES frames: asking for more silently trained on 16 and recorded the other number.
+    from mmattn.diffusion.world.train import tiny_config, train
+
+    with pytest.raises(ValueError, match="frames"):
+        train(str(tmp_path / "p"), clips=2, model_config=tiny_config(frames=gen.FRAMES + 4), vae_steps=1, unet_steps=1)
+    assert not (tmp_path / "p").exists()

@@ -154,6 +154,8 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
         model_config = WorldModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                            for k, v in previous["model"].items()})
     config = model_config or WorldModelConfig()
+    if not 1 <= config.frames <= gen.FRAMES:
+        raise ValueError(f"training clips have {gen.FRAMES} frames; frames must lie in 1..{gen.FRAMES}, got {config.frames}")
     amp = device.startswith("cuda") if amp is None else amp
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
