@@ -476,6 +476,9 @@ class PatchHandle:
             lambda module, args, kwargs: context._on_forward(_bind_forward_arguments(module, args, kwargs)),
             with_kwargs=True,
         )
+        self._guards_generate = bool(methods) and hasattr(model, "generate")
+        if self._guards_generate:
+            model.generate = _one_sequence_per_prompt(model.generate, names)
         self.active = True
 
     @property
@@ -487,6 +490,8 @@ class PatchHandle:
         if not self.active:
             return
         self._hook.remove()
+        if self._guards_generate and "generate" in vars(self.model):
+            del self.model.generate  # back to the class's method
         for module in self._attention_modules:
             if _CONTEXT_BY_MODULE.get(module) is self.context:
                 del _CONTEXT_BY_MODULE[module]
@@ -507,6 +512,27 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"PatchHandle({type(self.model).__name__}, methods={[m.name for m in self.methods]}, {state})"
+
+
+def _one_sequence_per_prompt(generate, method_names: list[str]):
+    """Wrap ``model.generate`` to refuse beam search and several sequences per prompt: the methods keep
+    per-sample state for the prompt's rows, which beam reordering and batch expansion would silently misalign."""
+    import functools
+
+    @functools.wraps(generate)
+    def guarded(*args: Any, **kwargs: Any):
+        config = kwargs.get("generation_config") or getattr(generate.__self__, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        if beams > 1 or sequences > 1:
+            raise ValueError(
+                f"mmattn methods ({', '.join(method_names)}) support one sequence per prompt: got num_beams={beams}, "
+                f"num_return_sequences={sequences}. Use greedy decoding or sampling with one sequence per prompt "
+                "(repeat a prompt in the batch for several samples)."
+            )
+        return generate(*args, **kwargs)
+
+    return guarded
 
 
 def patch(model: torch.nn.Module, *methods: AttentionMethod, processor: Any = None) -> PatchHandle:

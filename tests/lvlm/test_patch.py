@@ -298,3 +298,19 @@ def test_auxiliary_streams_do_not_trigger_sequence_hooks():
             with mmattn.patch(model, mmattn.VAR(**var), mmattn.PAINT(cfg_gamma=1.5)):
                 model(**inputs)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_beam_search_and_several_sequences_per_prompt_are_refused_with_methods():
+    model = tiny_llava(layers=2, seed=3)
+    inputs = llava_inputs(model)
+    with torch.no_grad():
+        with mmattn.patch(model, mmattn.RoleBias(image=0.5)):
+            with pytest.raises(ValueError, match="one sequence per prompt: got num_beams=2"):
+                model.generate(**inputs, max_new_tokens=2, num_beams=2)
+            with pytest.raises(ValueError, match="num_return_sequences=2"):
+                model.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)  # greedy is fine
+        assert "generate" not in vars(model)  # the guard goes with the patch
+        model.generate(**inputs, max_new_tokens=2, num_beams=2)  # unpatched: beam search works
+        with mmattn.patch(model):  # no method, no per-sample state: beam search stays allowed
+            model.generate(**inputs, max_new_tokens=2, num_beams=2)
