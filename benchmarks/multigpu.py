@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from mmattn.eval.io import write_json_atomic, write_text_atomic  # noqa: E402
 from mmattn.eval.world import val_image_dir, val_pope_path  # noqa: E402
 
 
@@ -78,9 +80,16 @@ def same_results(a: Path, b: Path) -> bool:
     return all((a / f).read_bytes() == (b / f).read_bytes() for f in ("samples.jsonl", "summary.json"))
 
 
+def fresh(out: Path) -> Path:
+    """An empty run folder: a leftover one would resume instead of run, and its timings would mean nothing."""
+    if out.exists():
+        shutil.rmtree(out)
+    return out
+
+
 def kill_and_rerun(args_for, work: Path) -> dict:
     """Start the two-process run, SIGKILL its process group once both ranks have written, rerun it."""
-    out = work / "killed"
+    out = fresh(work / "killed")
     command = launch(args_for(out), 2)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -127,7 +136,7 @@ def main() -> None:
         key = "7b" if "7B" in name else "world"
         row = {"model": name}
         for processes in (1, 2):
-            out = work / key / f"p{processes}"
+            out = fresh(work / key / f"p{processes}")
             wall = run(launch(args_for(out), processes))
             row[f"wall_s_{processes}"] = round(wall, 2)
             row[f"generation_s_{processes}"] = generation_seconds(out)
@@ -141,9 +150,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"meta": {"gpu": f"2x {gpu}", "date": date, "torch": torch.__version__},
-                                           "rows": rows}, indent=2))
+    write_json_atomic(args.json, {"meta": {"gpu": f"2x {gpu}", "date": date, "torch": torch.__version__}, "rows": rows})
     lines = [f"`mmattn eval pope` on 2x {gpu}, {date}: one process vs `accelerate launch --num_processes 2`.",
              "", "| model | questions | 1 GPU wall s (gen s) | 2 GPUs wall s (gen s) | speed-up wall (gen) | merged == single | kill + rerun == single |",
              "|---|---|---|---|---|---|---|"]
@@ -156,7 +163,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['questions']} | {r['wall_s_1']} ({r['generation_s_1']}) | {r['wall_s_2']} "
                      f"({r['generation_s_2']}) | {r['wall_s_1'] / r['wall_s_2']:.2f}x ({gen}) | {r['merged_equals_single']} | "
                      f"{killed_text} |")
-    Path(args.markdown).write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.markdown, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from multigpu import build_7b_checkpoint, kill_and_rerun, launch, pope_command  # noqa: E402
+from multigpu import build_7b_checkpoint, fresh, kill_and_rerun, launch, pope_command  # noqa: E402
 
 from mmattn.eval.world import val_image_dir, val_pope_path  # noqa: E402
 
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--no-deterministic", dest="deterministic", action="store_false")
     args = parser.parse_args()
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "llava-1.5-7b-shaped"
     build_7b_checkpoint(checkpoint)
     extra = ["--deterministic"] if args.deterministic else []
@@ -43,17 +44,19 @@ def main() -> None:
         return pope_command(out, 16, "--model", str(checkpoint), "--questions", str(val_pope_path("random")),
                             "--images", str(val_image_dir()), "--split", "random", "--n", str(args.n), *extra)
 
-    def single(name: str, device: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "mmattn.cli", *pope_args(work / name), "--device", device]
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def single(name: str, device: str) -> tuple[subprocess.Popen, Path]:
+        log = work / f"{name}.log"  # a file, not a pipe: a pipe nobody reads can fill up and stall the run
+        command = [sys.executable, "-m", "mmattn.cli", *pope_args(fresh(work / name)), "--device", device]
+        with open(log, "w") as handle:
+            return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle), log
 
     start = time.perf_counter()
     runs = [single("gpu0", "cuda:0"), single("gpu1", "cuda:1")]
-    for run in runs:
+    for run, log in runs:
         if run.wait() != 0:
-            raise SystemExit(run.stderr.read()[-2000:])
+            raise SystemExit(log.read_text()[-2000:])
     print(f"one-GPU runs on GPU 0 and GPU 1: {time.perf_counter() - start:.1f} s", flush=True)
-    result = subprocess.run(launch(pope_args(work / "two_gpus"), 2), capture_output=True, text=True)
+    result = subprocess.run(launch(pope_args(fresh(work / "two_gpus")), 2), capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-2000:])
     killed = kill_and_rerun(pope_args, work)
