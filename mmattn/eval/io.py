@@ -11,8 +11,10 @@ Two promises matter for evaluation runs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -107,9 +109,7 @@ def write_text_atomic(path: PathLike, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates the file 0600; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         try:
@@ -117,6 +117,35 @@ def write_text_atomic(path: PathLike, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def directory_replaced_on_success(path: PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside ``path`` to write into; when the block succeeds it takes ``path``'s place (the
+    old folder, if any, is deleted), when it fails it is deleted and ``path`` is left as it was. An interrupted
+    training run thus never leaves a half-written model where a complete one is expected."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield temporary
+        os.chmod(temporary, 0o777 & ~_umask())
+        if path.exists():
+            previous = path.parent / f".{path.name}.previous-{os.getpid()}"
+            os.replace(path, previous)
+            os.replace(temporary, path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_json_atomic(path: PathLike, obj: Any, *, indent: int | None = 2) -> None:

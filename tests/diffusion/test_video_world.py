@@ -221,3 +221,13 @@ def test_training_refuses_more_frames_than_the_clips_have(tmp_path):
     with pytest.raises(ValueError, match="frames"):
         train(str(tmp_path / "p"), clips=2, model_config=tiny_config(frames=gen.FRAMES + 4), vae_steps=1, unet_steps=1)
     assert not (tmp_path / "p").exists()
+
+
+def test_init_from_refuses_its_own_model_options(trained_tiny, capsys):
+    from mmattn.diffusion.world.train import main as train_main
+
+    out, _ = trained_tiny
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--init-from", str(out), "--tiny", "--out", str(out.parent / "x")])
+    assert exit_info.value.code == 2
+    assert "drop --tiny / --frames" in capsys.readouterr().err

@@ -55,3 +55,21 @@ def test_missing_and_directory_inputs(tmp_path):
         read_json(tmp_path / "nope.json")
     with pytest.raises(EvalInputError, match="is a directory"):
         read_jsonl(tmp_path)
+
+
+def test_directory_replaced_on_success(tmp_path):
+    from mmattn.eval.io import directory_replaced_on_success
+
+    target = tmp_path / "model"
+    with directory_replaced_on_success(target) as folder:
+        (folder / "weights").write_text("first")
+    assert (target / "weights").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with directory_replaced_on_success(target) as folder:
+            (folder / "weights").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (target / "weights").read_text() == "first"  # the complete old folder survives a failed write
+    with directory_replaced_on_success(target) as folder:
+        (folder / "weights").write_text("second")
+    assert (target / "weights").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or previous folder left

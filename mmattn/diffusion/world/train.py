@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import generate as gen
-from ...eval.io import write_json_atomic
+from ...eval.io import directory_replaced_on_success, write_json_atomic
 from .model import WorldModelConfig, assemble_pipeline, build_all, build_scheduler, count_parameters
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline")
@@ -276,8 +276,6 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     for module in (vae, text_encoder, unet):
         module.to("cpu", torch.float32).eval()
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
-    os.makedirs(out, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
     info = {
         "seed": seed, "data_seed": data_seed, "device": device, "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "amp_bf16": amp,
@@ -292,7 +290,9 @@ def train(out: str, seed: int = 0, device: str = "cpu", *, data_seed: int = 0, c
     if previous is not None:
         info["init_from"] = {"path": init_from, "training_info": previous}
         info["unet_steps_total"] = previous.get("unet_steps_total", previous["unet_steps"]) + step
-    write_json_atomic(os.path.join(out, "training_info.json"), info, indent=1)
+    with directory_replaced_on_success(out) as folder:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        write_json_atomic(os.path.join(folder, "training_info.json"), info, indent=1)
     print(json.dumps(info), flush=True)
     return info
 
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", metavar="DIR", help="continue training a saved world pipeline (its model config "
                    "and VAE are kept; --vae-steps is ignored)")
     a = p.parse_args(argv)
+    if a.init_from and (a.tiny or a.frames != gen.FRAMES):
+        p.error("--init-from continues the saved pipeline's own configuration; drop --tiny / --frames")
     config = tiny_config(a.frames) if a.tiny else WorldModelConfig(frames=a.frames)
     steps = a.unet_steps if a.unet_steps == "auto" else int(a.unet_steps)
     train(a.out, a.seed, a.device, data_seed=a.data_seed, clips=a.clips, workers=a.workers, model_config=config,

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from ..io import write_json_atomic
+from ..io import directory_replaced_on_success, write_json_atomic
 from . import build
 from . import generate as gen
 
@@ -222,14 +222,14 @@ def train(out: str, seed: int = 0, device: str = "cpu", num_train: int = 24000, 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
     info = {"seed": seed, "data_seed": data_seed, "device": device, "num_train": num_train, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "amp_bf16": amp, "torch_threads": torch.get_num_threads(), "qa_turns": qa_turns, "steps": step,
             "planned_steps": total, "stop_step": stop_step, "parameters": n_params, "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
             "final_loss": history[-1][1] if history else None}
-    write_json_atomic(os.path.join(out, "training_info.json"), info, indent=1)
+    with directory_replaced_on_success(out) as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        write_json_atomic(os.path.join(folder, "training_info.json"), info, indent=1)
     print(json.dumps(info), flush=True)
     return info
 
