@@ -1,7 +1,10 @@
 """Attention kernels for the edit contract: the exact PyTorch path and (on CUDA) Triton kernels.
 
 ``attention(...)`` is the one dispatch point. ``MMATTN_KERNEL=exact|triton`` forces a path for debugging;
-otherwise CUDA tensors go to Triton when it is usable and everything else to the exact path.
+otherwise CUDA tensors go to Triton when it is usable and everything else to the exact path, with one exception:
+an unedited call that torch's ``scaled_dot_product_attention`` computes exactly the same way — one query row
+(decode), or a causal square block without padding — goes to SDPA, whose FlashAttention/cuDNN kernels are faster
+than ours and cheaper to launch (benchmarks/RESULTS.md, kernel section).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 from ..edits import AttentionEdit, AttentionStats
 from .exact import exact_attention
 
-__all__ = ["attention", "exact_attention", "triton_available", "selected_backend", "BACKENDS"]
+__all__ = ["attention", "exact_attention", "sdpa_attention", "sdpa_applies", "triton_available", "selected_backend",
+           "BACKENDS"]
 
 BACKENDS = ("exact", "triton")
 
@@ -48,6 +52,34 @@ def selected_backend(query: torch.Tensor) -> str:
     return "exact"
 
 
+def sdpa_applies(query: torch.Tensor, key: torch.Tensor, causal: bool, key_padding: torch.Tensor | None,
+                 dense_mask: torch.Tensor | None, edit: AttentionEdit | None) -> bool:
+    """Whether torch SDPA gives this call's exact semantics. Causal attention here is bottom-right aligned and
+    SDPA's ``is_causal`` top-left, so only one query row or a square block qualifies; padding is allowed only with
+    one query row, which then always has a valid key (itself), so no row is fully masked (SDPA would give NaN)."""
+    if dense_mask is not None or (edit is not None and not edit.is_noop):
+        return False
+    if not causal:
+        return key_padding is None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1:
+        return True
+    return q_len == kv_len and key_padding is None
+
+
+def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float, causal: bool = True,
+                   key_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, AttentionStats]:
+    """Unedited attention through torch SDPA for the calls :func:`sdpa_applies` accepts; output [B, Nq, H, D]."""
+    import torch.nn.functional as F
+
+    mask = None if key_padding is None else key_padding.to(device=query.device, dtype=torch.bool)[:, None, None, :]
+    output = F.scaled_dot_product_attention(
+        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scale,
+        is_causal=bool(causal) and query.shape[2] > 1, enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return output.transpose(1, 2), AttentionStats()
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -61,7 +93,10 @@ def attention(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Edited attention. Shapes and semantics: see :func:`mmattn.kernels.exact.exact_attention`."""
+    forced = backend or os.environ.get("MMATTN_KERNEL", "").strip()
     chosen = backend or selected_backend(query)
+    if chosen == "triton" and not forced and sdpa_applies(query, key, causal, key_padding, dense_mask, edit):
+        return sdpa_attention(query, key, value, scale=scale, causal=causal, key_padding=key_padding)
     if chosen == "triton":
         ok, why = triton_available()
         if not ok:

@@ -173,3 +173,48 @@ def test_dispatch_override(monkeypatch):
     monkeypatch.setenv("MMATTN_KERNEL", "fastest")
     with pytest.raises(ValueError, match="exact, triton"):
         attention(q, k, v, scale=D**-0.5)
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal,padded", [(1, 17, True, True), (13, 13, True, False), (5, 9, False, False)])
+def test_sdpa_route_gives_the_exact_path_on_the_calls_it_accepts(q_len, kv_len, causal, padded):
+    from mmattn.kernels import sdpa_applies, sdpa_attention
+
+    q, k, v, padding, _, _ = make_inputs(q_len, kv_len, seed=9)  # GQA: 4 query heads over 2 key/value heads
+    padding = padding if padded else None
+    assert sdpa_applies(q, k, causal, padding, None, None)
+    out, stats = sdpa_attention(q, k, v, scale=D**-0.5, causal=causal, key_padding=padding)
+    ref, _ = exact_attention(q, k, v, scale=D**-0.5, causal=causal, key_padding=padding)
+    assert out.shape == ref.shape and stats.lse is None
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_sdpa_route_refuses_what_it_cannot_compute():
+    from mmattn.kernels import sdpa_applies
+
+    q, k, _, padding, groups, g = make_inputs(3, 11)
+    square_q, square_k, _, _, _, _ = make_inputs(11, 11)
+    assert not sdpa_applies(q, k, True, None, None, None)  # causal, fewer queries than keys: bottom-right aligned
+    assert not sdpa_applies(square_q, square_k, True, padding, None, None)  # padded prefill: fully masked rows
+    assert not sdpa_applies(q[:, :, :1], k, True, padding, torch.zeros(B, 1, 1, 11), None)  # dense masks
+    edit = AttentionEdit(key_groups=groups, num_groups=G, group_bias=torch.randn(B, H, G, generator=g))
+    assert not sdpa_applies(q[:, :, :1], k, True, padding, None, edit)  # edits
+    assert not sdpa_applies(q[:, :, :1], k, True, padding, None, AttentionEdit(return_lse=True))  # statistics
+    assert sdpa_applies(q[:, :, :1], k, True, padding, None, AttentionEdit())  # an empty edit is no edit
+
+
+def test_dispatch_sends_only_unedited_calls_to_sdpa(monkeypatch):
+    import mmattn.kernels as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "selected_backend", lambda query: "triton")
+    monkeypatch.setattr(kernels, "triton_available", lambda: (True, "test"))
+    monkeypatch.setattr(kernels, "sdpa_attention", lambda *a, **kw: calls.append("sdpa") or (None, None))
+    import mmattn.kernels.triton_attention as triton_module
+
+    monkeypatch.setattr(triton_module, "triton_attention", lambda *a, **kw: calls.append("triton") or (None, None))
+    q, k, v, padding, groups, g = make_inputs(1, 9)
+    kernels.attention(q, k, v, scale=D**-0.5, key_padding=padding)
+    kernels.attention(q, k, v, scale=D**-0.5, key_padding=padding, edit=AttentionEdit(return_lse=True))
+    monkeypatch.setenv("MMATTN_KERNEL", "triton")  # forcing Triton really means Triton
+    kernels.attention(q, k, v, scale=D**-0.5, key_padding=padding)
+    assert calls == ["sdpa", "triton", "triton"]
