@@ -231,3 +231,15 @@ def test_init_from_refuses_its_own_model_options(trained_tiny, capsys):
         train_main(["--init-from", str(out), "--tiny", "--out", str(out.parent / "x")])
     assert exit_info.value.code == 2
     assert "drop --tiny / --frames" in capsys.readouterr().err
+
+
+def test_shape_statistic_recognises_every_world_shape_and_rejects_the_wrong_one():
+    from mmattn.diffusion.world import generate as gen
+    from mmattn.diffusion.world.statistics import clip_statistics
+
+    for index, prompt in enumerate(gen.all_prompts()[::5]):
+        clip = gen.clip_for_prompt(prompt, 3, index)
+        assert clip_statistics(clip.frames, prompt)["shape_correct"] == 1.0, prompt
+        colour, shape, motion = gen.parse_prompt(prompt)
+        other = next(s for s in gen.SHAPES if s != shape and gen._allowed(s, motion))
+        assert clip_statistics(clip.frames, gen.prompt_for(colour, other, motion))["shape_correct"] == 0.0, prompt

@@ -8,6 +8,9 @@ or the dark background, and a pixel counts as the prompted colour when that colo
   smallest shape covers about 3.5 %).
 * ``dominant_colour_correct``: 1 when the prompted colour has the most object pixels of all world colours over the
   clip.
+* ``shape_correct``: 1 when the shape that best explains ``M_t`` (the world's own shape renderer, fitted to the
+  mask's centroid and area over rotations, scored by IoU: :func:`best_shape`) is the prompted one in most frames
+  that show the colour.
 * ``centroid_speed``: mean distance (pixels per frame) between the centroids of ``M_t`` and ``M_{t+1}`` over pairs
   where both frames show the colour. Translation and bouncing move it; turning does not.
 * ``mask_change``: mean ``1 - IoU(M_t, M_{t+1})``: moves with translation and with turning; 0 for a still clip.
@@ -37,7 +40,12 @@ __all__ = ["MAX_COLOUR_DISTANCE", "MIN_AREA", "MIN_TRAVEL", "colour_masks", "cli
 MAX_COLOUR_DISTANCE = 0.35  # RGB distance in [0, 1] units; the world's colours are >= 0.5 apart
 MIN_AREA = 0.01  # of the frame (41 pixels at 64 x 64)
 MIN_TRAVEL = 4.0  # pixels: a translation must move the object at least this far the prompted way
-PROMPT_KEYS = ("colour_presence", "dominant_colour_correct", "direction_correct")
+PROMPT_KEYS = ("colour_presence", "dominant_colour_correct", "shape_correct", "direction_correct")
+# area of each shape at half-size 1 (generate._signed_distance): the fitted half-size is sqrt(area / this)
+_UNIT_AREA = {"circle": math.pi, "square": 1.7 ** 2, "triangle": 3 * math.sqrt(3) * 0.625 ** 2,
+              "cross": 2 * (2.1 * 0.76) - 0.76 ** 2}
+_SYMMETRY = {"circle": 0.0, "square": math.pi / 2, "triangle": 2 * math.pi / 3, "cross": math.pi / 2}
+_ANGLES = 18
 MOTION_KEYS = ("centroid_speed", "mask_change", "frame_difference")
 CONSISTENCY_KEYS = ("adjacent_similarity", "area_consistency")
 
@@ -68,7 +76,7 @@ def colour_masks(frames: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
 
 def clip_statistics(frames: Any, prompt: str) -> dict[str, float | None]:
     """The statistics of one clip for one world prompt (``ValueError`` for a prompt outside the world)."""
-    colour, _, motion = gen.parse_prompt(prompt)
+    colour, shape, motion = gen.parse_prompt(prompt)
     video = to_video_tensor(frames)
     if video.shape[0] < 2:
         raise ValueError("the statistics need at least two frames")
@@ -95,8 +103,14 @@ def clip_statistics(frames: Any, prompt: str) -> dict[str, float | None]:
         "frame_difference": difference,
         "adjacent_similarity": 1.0 - difference,
         "area_consistency": None,
+        "shape_correct": None,
         "direction_correct": None,
     }
+    if bool(present.any()):
+        shapes = [best_shape(mask[t].numpy()) for t in present.nonzero().flatten().tolist()]
+        stats["shape_correct"] = float(max(set(shapes), key=shapes.count) == shape)
+    else:
+        stats["shape_correct"] = 0.0
     if int(present.sum()) >= 2:
         shown = area[present]
         stats["area_consistency"] = max(0.0, 1.0 - float(shown.std() / shown.mean()))
@@ -109,6 +123,33 @@ def clip_statistics(frames: Any, prompt: str) -> dict[str, float | None]:
         else:
             stats["direction_correct"] = 0.0
     return stats
+
+
+def best_shape(mask: np.ndarray) -> str | None:
+    """The world shape whose rendering, centred on ``mask``'s centroid with the same area and the best of
+    ``_ANGLES`` rotations over its symmetry period, overlaps the boolean ``[H, W]`` mask most (IoU); None for an
+    empty mask."""
+    area = float(mask.sum())
+    if area == 0:
+        return None
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    x = np.arange(width, dtype=np.float64)[None, None, :] + 0.5 - cx
+    y = np.arange(height, dtype=np.float64)[None, :, None] + 0.5 - cy
+    best, best_iou = None, -1.0
+    for shape in gen.SHAPES:
+        period = _SYMMETRY[shape]
+        angles = np.arange(_ANGLES) * period / _ANGLES if period else np.zeros(1)
+        cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
+        u, v = cos * x + sin * y, -sin * x + cos * y
+        templates = gen._signed_distance(shape, u, v, math.sqrt(area / _UNIT_AREA[shape])) < 0
+        inter = (templates & mask).sum((1, 2))
+        union = (templates | mask).sum((1, 2))
+        iou = float((inter / np.maximum(union, 1)).max())
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
 
 
 def static_clip(frames: Any) -> torch.Tensor:
