@@ -23,6 +23,7 @@ TINY_MODELS = ("tiny-animatediff", "tiny-t2v")
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``video`` to the ``mmattn eval`` group."""
+    from ..diffusion.options import add_broadway_arguments
     from .video import DEFAULT_METRICS, FLOW_ESTIMATORS, METRICS, OFFLINE_METRICS
 
     video = commands.add_parser(
@@ -43,13 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     video.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     video.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     video.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    method = video.add_argument_group("BroadWay")
-    method.add_argument("--preset", choices=("animatediff", "videocrafter2"), default="animatediff",
-                        help="paper preset (default: animatediff: tau 7, alpha 0.6, beta 1.5)")
-    method.add_argument("--alpha", type=float, help="override the preset's TSG strength")
-    method.add_argument("--beta", type=float, help="override the preset's minimum FME gain")
-    method.add_argument("--tau", help="override the preset's band half-width (int or all_but_dc)")
-    method.add_argument("--stop", type=float, help="override the active fraction of steps (default 0.2)")
+    add_broadway_arguments(video.add_argument_group("BroadWay"))
     gen = video.add_argument_group("generation")
     gen.add_argument("--frames", type=int, default=16)
     gen.add_argument("--steps", type=int, default=25)
@@ -118,7 +113,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 
 def _video(args: argparse.Namespace) -> int:
-    from mmattn.diffusion.broadway import BroadWayConfig, broadway
+    from mmattn.diffusion.broadway import broadway
 
     from .video import (
         DEFAULT_METRICS, OFFLINE_METRICS, WEIGHT_FREE_HINT, VideoMetricsConfig, VideoMetricsError, VideoScorer,
@@ -155,10 +150,9 @@ def _video(args: argparse.Namespace) -> int:
                 except ValueError as error:
                     raise EvalInputError(f"the world metric scores video-world prompts only: {error}; drop 'world' "
                                          "from --metrics to score other prompts") from None
-        overrides = {k: getattr(args, k) for k in ("alpha", "beta", "stop") if getattr(args, k) is not None}
-        if args.tau is not None:
-            overrides["tau"] = args.tau if args.tau == "all_but_dc" else int(args.tau)
-        config = BroadWayConfig.from_preset(args.preset, **overrides)
+        from mmattn.diffusion.options import broadway_config_from_arguments
+
+        config = broadway_config_from_arguments(args)
         random_backbones = args.random_backbones
         scorer = VideoScorer(VideoMetricsConfig(
             clip_model=args.clip_model, clip_weights=None if random_backbones else args.clip_weights,

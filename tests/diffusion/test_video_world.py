@@ -243,3 +243,17 @@ def test_shape_statistic_recognises_every_world_shape_and_rejects_the_wrong_one(
         colour, shape, motion = gen.parse_prompt(prompt)
         other = next(s for s in gen.SHAPES if s != shape and gen._allowed(s, motion))
         assert clip_statistics(clip.frames, gen.prompt_for(colour, other, motion))["shape_correct"] == 0.0, prompt
+
+
+def test_broadway_options_name_every_preset_and_override_it():
+    import argparse
+
+    from mmattn.diffusion.broadway import BroadWayConfig
+    from mmattn.diffusion.options import PRESET_NAMES, add_broadway_arguments, broadway_config_from_arguments
+
+    assert sorted(PRESET_NAMES) == sorted(BroadWayConfig.presets())
+    parser = argparse.ArgumentParser()
+    add_broadway_arguments(parser)
+    config = broadway_config_from_arguments(parser.parse_args(["--beta", "3", "--tau", "all_but_dc", "--stop", "0.5"]))
+    assert (config.beta, config.tau, config.stop) == (3.0, "all_but_dc", 0.5)
+    assert config.alpha == BroadWayConfig.animatediff().alpha

@@ -107,7 +107,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmattn.diffusion.broadway import BroadWayConfig
+    from mmattn.diffusion.options import add_broadway_arguments, broadway_config_from_arguments
     from mmattn.eval.io import write_json_atomic, write_text_atomic
 
     p = argparse.ArgumentParser(description="The video world's pipeline with and without BroadWay, scored with "
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--preset", choices=sorted(BroadWayConfig.presets()), default="animatediff")
+    add_broadway_arguments(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     a = p.parse_args(argv)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in a.prompt:
         gen.parse_prompt(prompt)  # fail before loading anything
     pipe = load_pipeline(device=device, dtype=getattr(torch, a.dtype), path=a.pipeline)
-    result = evaluate(pipe, a.prompt or EVAL_PROMPTS, a.seeds, broadway_config=BroadWayConfig.from_preset(a.preset),
+    result = evaluate(pipe, a.prompt or EVAL_PROMPTS, a.seeds, broadway_config=broadway_config_from_arguments(a),
                       num_frames=a.frames, steps=a.steps, guidance=a.guidance,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     clips = result.pop("_clips")
