@@ -3,8 +3,8 @@
 ``attention(...)`` is the one dispatch point. ``MMATTN_KERNEL=exact|triton`` forces a path for debugging;
 otherwise CUDA tensors go to Triton when it is usable and everything else to the exact path, with one exception:
 an unedited call that torch's ``scaled_dot_product_attention`` computes exactly the same way — one query row
-(decode), or a causal square block without padding — goes to SDPA, whose FlashAttention/cuDNN kernels are faster
-than ours and cheaper to launch (benchmarks/RESULTS.md, kernel section).
+(decode), or a causal square block without padding — goes to SDPA, on the GPU (FlashAttention/cuDNN kernels,
+faster than ours and cheaper to launch: benchmarks/RESULTS.md, kernel section) as on the CPU.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def attention(
     """Edited attention. Shapes and semantics: see :func:`mmattn.kernels.exact.exact_attention`."""
     forced = backend or os.environ.get("MMATTN_KERNEL", "").strip()
     chosen = backend or selected_backend(query)
-    if chosen == "triton" and not forced and sdpa_applies(query, key, causal, key_padding, dense_mask, edit):
+    if not forced and sdpa_applies(query, key, causal, key_padding, dense_mask, edit):
         return sdpa_attention(query, key, value, scale=scale, causal=causal, key_padding=key_padding)
     if chosen == "triton":
         ok, why = triton_available()
