@@ -64,7 +64,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _offline_data() -> dict[str, object]:
-    """What offline data was found (None when absent): the shipped world, NLTK data, the shared POPE files."""
+    """What offline data was found (None when absent): the shipped worlds, NLTK data, the shared POPE files."""
     found: dict[str, object] = {}
     try:
         from mmattn.eval import world
@@ -74,6 +74,13 @@ def _offline_data() -> dict[str, object]:
         found["world"] = f"{world.default_root()} (model: {'yes' if model_ok else 'missing'}, val images: {images})"
     except Exception:  # the eval extra or the world may be absent: report, never fail
         found["world"] = None
+    try:
+        from mmattn.diffusion import world as video_world
+
+        folder = video_world.pipeline_dir()
+        found["video_world"] = f"{folder} (pipeline: {'yes' if video_world.has_pipeline() else 'missing'})"
+    except Exception:
+        found["video_world"] = None
     try:
         from mmattn.eval.paths import nltk_data_dir, pope_coco_dir
 

@@ -19,6 +19,8 @@ def test_info_json_reports_versions_and_kernels(capsys):
     assert facts["torch"] == torch.__version__ and facts["transformers"] == transformers.__version__
     assert isinstance(facts["triton_kernels"]["usable"], bool) and facts["triton_kernels"]["detail"]
     assert "role_bias" in facts["methods"]
+    assert "(pipeline: yes)" in facts["offline_data"]["video_world"]
+    assert "(model: yes, val images: 500)" in facts["offline_data"]["world"]
 
 
 def test_console_entry_point_runs():
