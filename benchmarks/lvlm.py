@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import mmattn
-from mmattn.testing import pad_left, random_model
+from mmattn.testing import llava_7b, pad_left
 
 METHODS = {
     "role_bias": lambda: mmattn.RoleBias(image=0.5),
@@ -36,18 +36,6 @@ METHODS = {
     "paint (cfg 1.1)": lambda: mmattn.PAINT(),
     "paint (no cfg)": lambda: mmattn.PAINT(cfg_gamma=1.0),
 }
-
-
-def llava_7b(layers: int | None = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    return random_model(LlavaForConditionalGeneration, config)
 
 
 def inputs_for(model, batch: int, seed: int = 0) -> dict:

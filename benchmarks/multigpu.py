@@ -35,18 +35,9 @@ def build_7b_checkpoint(path: Path) -> None:
     """A LLaVA-1.5-7B-shaped checkpoint with random weights and a word-level processor (336 px, 576 image tokens)."""
     if (path / "config.json").exists():
         return
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from mmattn.testing import llava_7b, save_word_level_llava
 
-    from mmattn.testing import random_model, save_word_level_llava
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    model = random_model(LlavaForConditionalGeneration, config, device="cuda")
+    model = llava_7b(device="cuda")
     save_word_level_llava(path, model)
     del model
     torch.cuda.empty_cache()

@@ -18,20 +18,7 @@ from pathlib import Path
 import torch
 
 import mmattn
-from mmattn.testing import pad_left, random_model
-
-
-def llava_next_7b(layers: int | None = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=8192, pad_token_id=0)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                             vision_feature_select_strategy="default",
-                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
-    return random_model(LlavaNextForConditionalGeneration, config)
+from mmattn.testing import llava_next_7b, pad_left
 
 
 def inputs_for(model, batch: int) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "tiny_llava_next", "llava_inputs", "llava_next_inputs", "IMAGE_TOKEN_ID", "PAD_TOKEN_ID"]
+__all__ = ["tiny_llava", "tiny_llava_next", "llava_inputs", "llava_next_inputs", "llava_7b", "llava_next_7b",
+           "IMAGE_TOKEN_ID", "PAD_TOKEN_ID"]
 
 IMAGE_TOKEN_ID = 98
 PAD_TOKEN_ID = 0
@@ -145,6 +146,39 @@ def select_sample(inputs: dict, b: int, images_per_prompt: int = 1) -> dict:
 TINY_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:", "\n", "a", "the", "is", "there", "in", "image",
               "yes", "no", "dog", "cat", "person", "car", "cup", "dining", "table", "fork", "knife", "please",
               "describe", "this", "detail.", "answer", "question", "using", "single", "word", "or", "phrase.", "?"]
+
+
+def _clip_l_336_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14, projection_dim=768)
+
+
+def _vicuna_7b_config(layers: int | None, max_positions: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=max_positions, pad_token_id=0)
+
+
+def llava_7b(layers: int | None = None, device: str = "cuda"):
+    """LLaVA-1.5-7B's shapes with random weights (bf16, sdpa): CLIP-L/336 vision tower, 576 image tokens, Vicuna-7B."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=_clip_l_336_config(), text_config=_vicuna_7b_config(layers, 4096),
+                         image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return random_model(LlavaForConditionalGeneration, config, device=device)
+
+
+def llava_next_7b(layers: int | None = None, device: str = "cuda"):
+    """LLaVA-NeXT-7B's shapes with random weights (bf16, sdpa): anyres up to 672 px (2,928 image tokens)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(vision_config=_clip_l_336_config(), text_config=_vicuna_7b_config(layers, 8192),
+                             image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    return random_model(LlavaNextForConditionalGeneration, config, device=device)
 
 
 def save_tiny_llava_checkpoint(path, seed: int = 0, layers: int = 2) -> None:
