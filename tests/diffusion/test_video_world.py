@@ -245,6 +245,27 @@ def test_shape_statistic_recognises_every_world_shape_and_rejects_the_wrong_one(
         assert clip_statistics(clip.frames, gen.prompt_for(colour, other, motion))["shape_correct"] == 0.0, prompt
 
 
+def test_shape_vote_is_a_strict_majority_and_independent_of_hash_order():
+    import os
+    import subprocess
+    import sys
+
+    from mmattn.diffusion.world.statistics import is_strict_mode
+
+    assert is_strict_mode(["square", "square", "circle"], "square")
+    assert not is_strict_mode(["square", "circle"], "square")  # a tie is not a win, whatever the set order
+    assert not is_strict_mode(["circle", "square"], "square")
+    assert not is_strict_mode([None, None, "square"], "square")
+    assert not is_strict_mode([], "square")
+    # The vote once used max(set(votes)), whose tie-break follows string hashing, which differs per process.
+    code = ("from mmattn.diffusion.world.statistics import is_strict_mode;"
+            "print(is_strict_mode(['triangle', 'cross', 'triangle', 'cross'], 'triangle'))")
+    answers = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+               for seed in range(6)}
+    assert answers == {"False"}
+
+
 def test_broadway_options_name_every_preset_and_override_it():
     import argparse
 

@@ -9,8 +9,8 @@ or the dark background, and a pixel counts as the prompted colour when that colo
 * ``dominant_colour_correct``: 1 when the prompted colour has the most object pixels of all world colours over the
   clip.
 * ``shape_correct``: 1 when the shape that best explains ``M_t`` (the world's own shape renderer, fitted to the
-  mask's centroid and area over rotations, scored by IoU: :func:`best_shape`) is the prompted one in most frames
-  that show the colour.
+  mask's centroid and area over rotations, scored by IoU: :func:`best_shape`) is the prompted one in more of the
+  frames that show the colour than any other shape (a tie counts as wrong).
 * ``centroid_speed``: mean distance (pixels per frame) between the centroids of ``M_t`` and ``M_{t+1}`` over pairs
   where both frames show the colour. Translation and bouncing move it; turning does not.
 * ``mask_change``: mean ``1 - IoU(M_t, M_{t+1})``: moves with translation and with turning; 0 for a still clip.
@@ -26,6 +26,7 @@ A still clip scores 0 on the three motion measures exactly (:func:`static_clip` 
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Sequence
 
@@ -108,7 +109,7 @@ def clip_statistics(frames: Any, prompt: str) -> dict[str, float | None]:
     }
     if bool(present.any()):
         shapes = [best_shape(mask[t].numpy()) for t in present.nonzero().flatten().tolist()]
-        stats["shape_correct"] = float(max(set(shapes), key=shapes.count) == shape)
+        stats["shape_correct"] = float(is_strict_mode(shapes, shape))
     else:
         stats["shape_correct"] = 0.0
     if int(present.sum()) >= 2:
@@ -123,6 +124,13 @@ def clip_statistics(frames: Any, prompt: str) -> dict[str, float | None]:
         else:
             stats["direction_correct"] = 0.0
     return stats
+
+
+def is_strict_mode(values: list, wanted) -> bool:
+    """Whether ``wanted`` occurs in ``values`` more often than any other value. Ties are False, so the answer
+    never depends on iteration order (``max(set(...))`` did: set order follows per-process string hashing)."""
+    counts = collections.Counter(values)
+    return counts[wanted] > 0 and all(counts[wanted] > n for value, n in counts.items() if value != wanted)
 
 
 def best_shape(mask: np.ndarray) -> str | None:
