@@ -34,7 +34,7 @@ def test_prompt_matches_the_clip(index):
     assert ((clip.centres > clip.half_size) & (clip.centres < gen.SIZE - clip.half_size)).all()
     s = stats.clip_statistics(clip.frames, clip.prompt)
     assert s["colour_presence"] == 1.0 and s["dominant_colour_correct"] == 1.0
-    assert s["mask_change"] > 0.05
+    assert s["frame_difference"] > 0.05
     if clip.motion in gen.TRANSLATIONS:
         dx, dy = gen.TRANSLATIONS[clip.motion]
         travel = (clip.centres[-1] - clip.centres[0]) @ np.array([dx, dy])
@@ -74,14 +74,14 @@ def test_statistic_moving_against_static_hand_made_clips():
     still = stats.clip_statistics(_shape_clip(0), "a red square moving right")
     assert moving["colour_presence"] == 1.0 == still["colour_presence"]
     assert moving["centroid_speed"] == pytest.approx(3.0) and still["centroid_speed"] == 0.0
-    assert moving["mask_change"] > 0.4 and still["mask_change"] == 0.0
+    assert moving["frame_difference"] > 0.4 and still["frame_difference"] == 0.0
     assert moving["frame_difference"] > 0 and still["frame_difference"] == 0.0
     assert moving["direction_correct"] == 1.0 and still["direction_correct"] == 0.0
     assert moving["area_consistency"] == pytest.approx(1.0)
     wrong = stats.clip_statistics(_shape_clip(3), "a blue square moving left")
     assert wrong["colour_presence"] == 0.0 and wrong["dominant_colour_correct"] == 0.0
     assert wrong["centroid_speed"] is None
-    assert stats.clip_statistics(stats.static_clip(_shape_clip(3)), "a red square moving right")["mask_change"] == 0
+    assert stats.clip_statistics(stats.static_clip(_shape_clip(3)), "a red square moving right")["frame_difference"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +131,54 @@ def test_evaluation_runs_with_and_without_broadway(trained_tiny):
     pipe = world.load_pipeline(path=out)
     result = evaluate(pipe, ["a red square moving left"], [0], num_frames=16, steps=5)
     assert set(result["means"]) == {"vanilla", "broadway", "reference", "static"}
-    assert result["means"]["static"]["mask_change"] == 0.0 and result["means"]["reference"]["colour_presence"] == 1
+    assert result["means"]["static"]["frame_difference"] == 0.0 and result["means"]["reference"]["colour_presence"] == 1
     clips = result["_clips"]
     assert not torch.equal(clips[("a red square moving left", 0, "vanilla")],
                            clips[("a red square moving left", 0, "broadway")]), "BroadWay changed nothing"
     assert "| BroadWay - vanilla |" in markdown_table(result)
+
+
+def test_merged_evaluations_equal_one_evaluation_over_all_seeds(trained_tiny, tmp_path):
+    import json
+
+    from mmattn.diffusion.world.evaluate import evaluate, main
+
+    out, _ = trained_tiny
+    pipe = world.load_pipeline(path=out)
+    prompts = ["a red square moving left", "a cyan circle bouncing"]
+
+    def run(seeds):
+        result = evaluate(pipe, prompts, seeds, num_frames=16, steps=3)
+        result.pop("_clips")
+        result.update(pipeline=str(out), device="cpu", dtype="float32")
+        return result
+
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, seeds in zip(parts, ([1], [0, 2])):
+        path.write_text(json.dumps(run(seeds)))
+    assert main(["--merge", *map(str, parts), "--out", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    whole = json.loads(json.dumps(run([0, 1, 2])))
+    for key in ("seeds", "means", "broadway_minus_vanilla", "broadway_minus_vanilla_sem", "per_clip"):
+        assert merged[key] == whole[key], key
+    # frame difference is defined for every clip: six pairs
+    differences = [b["frame_difference"] - v["frame_difference"]
+                   for v, b in zip(whole["per_clip"]["vanilla"], whole["per_clip"]["broadway"])]
+    mean = sum(differences) / len(differences)
+    spread = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5
+    assert len(differences) == 6
+    assert whole["broadway_minus_vanilla_sem"]["frame_difference"] == pytest.approx(spread / 6 ** 0.5, abs=1e-12)
+    assert "±" in (tmp_path / "merged.md").read_text()
+
+    with pytest.raises(SystemExit) as shared:  # the same seed twice
+        main(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "bad.json")])
+    assert shared.value.code == 2
+    other = json.loads(parts[1].read_text())
+    other["generation"]["num_inference_steps"] = 4
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as mismatched:
+        main(["--merge", *map(str, parts), "--out", str(tmp_path / "bad.json")])
+    assert mismatched.value.code == 2 and not (tmp_path / "bad.json").exists()
 
 
 def test_missing_pipeline_fails_clearly(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m mmattn.diffusion.world.evaluate --pipeline mmattn/diffusion/world/pipeline --seeds 0 1 2 3 \\
         --out runs/video_world.json [--markdown runs/video_world.md] [--grid runs/video_world.png]
+    python -m mmattn.diffusion.world.evaluate --merge runs/seeds_0-3.json runs/seeds_4-11.json --out runs/all.json
 
 For every prompt of :data:`EVAL_PROMPTS` (or ``--prompt``) and seed, the pipeline renders one clip vanilla and one
 with BroadWay (same seed; ``--preset`` animatediff by default: tau 7, alpha 0.6, beta 1.5 in the first 20 % of the
@@ -59,23 +60,65 @@ def evaluate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, broadway_con
             if log:
                 log(f"{prompt!r} seed {seed}: vanilla {_short(records['vanilla'][-1])} | "
                     f"broadway {_short(records['broadway'][-1])}")
-        for k in range(len(seeds)):
-            reference = gen.clip_for_prompt(prompt, REFERENCE_SEED, p_index * 1000 + k).frames[:num_frames]
-            records["reference"].append({"prompt": prompt, "index": k, **clip_statistics(reference, prompt)})
-            records["static"].append({"prompt": prompt, "index": k,
-                                      **clip_statistics(static_clip(reference), prompt)})
-    means = {variant: mean_statistics([{k: r[k] for k in TABLE_KEYS} for r in rows])
-             for variant, rows in records.items()}
-    difference = {k: (means["broadway"][k] - means["vanilla"][k])
-                  if means["broadway"][k] is not None and means["vanilla"][k] is not None else None
-                  for k in TABLE_KEYS}
+    records.update(reference_records(prompts, seeds, num_frames))
     return {
         "prompts": list(prompts), "seeds": [int(s) for s in seeds],
         "generation": {"num_frames": num_frames, "num_inference_steps": steps, "guidance_scale": guidance,
                        "height": int(next(iter(clips.values())).shape[-2]), "width": int(next(iter(clips.values())).shape[-1])},
-        "broadway": config.to_dict(), "seconds": seconds, "means": means, "broadway_minus_vanilla": difference,
-        "per_clip": records, "_clips": clips,
+        "broadway": config.to_dict(), "seconds": seconds, **summarise(records), "per_clip": records, "_clips": clips,
     }
+
+
+def reference_records(prompts: Sequence[str], seeds: Sequence[int], num_frames: int) -> dict[str, list[dict[str, Any]]]:
+    """Statistics of the world's own clip of each prompt and seed (``reference``) and of that clip held still
+    (``static``). A clip depends on its prompt and seed alone, so evaluations over separate seed lists merge into
+    exactly the evaluation over their union."""
+    records: dict[str, list[dict[str, Any]]] = {"reference": [], "static": []}
+    for p_index, prompt in enumerate(prompts):
+        for seed in seeds:
+            reference = gen.clip_for_prompt(prompt, REFERENCE_SEED, p_index * 1000 + int(seed)).frames[:num_frames]
+            records["reference"].append({"prompt": prompt, "seed": int(seed), **clip_statistics(reference, prompt)})
+            records["static"].append({"prompt": prompt, "seed": int(seed),
+                                      **clip_statistics(static_clip(reference), prompt)})
+    return records
+
+
+def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Means per variant, and BroadWay minus vanilla paired by prompt and seed with its standard error (over the
+    clips where both define the statistic)."""
+    means = {variant: mean_statistics([{k: r[k] for k in TABLE_KEYS} for r in rows])
+             for variant, rows in records.items()}
+    difference, sem = {}, {}
+    for key in TABLE_KEYS:
+        pairs = [b[key] - v[key] for v, b in zip(records["vanilla"], records["broadway"])
+                 if v.get(key) is not None and b.get(key) is not None]
+        difference[key] = float(np.mean(pairs)) if pairs else None
+        sem[key] = float(np.std(pairs, ddof=1) / np.sqrt(len(pairs))) if len(pairs) > 1 else None
+    return {"means": means, "broadway_minus_vanilla": difference, "broadway_minus_vanilla_sem": sem}
+
+
+MERGE_MUST_MATCH = ("prompts", "generation", "broadway", "pipeline", "device", "dtype")
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One evaluation from several over disjoint seeds with the same settings (e.g. run on different days)."""
+    first = results[0]
+    for other in results[1:]:
+        for key in MERGE_MUST_MATCH:
+            if other.get(key) != first.get(key):
+                raise ValueError(f"cannot merge evaluations with different {key!r}: {first.get(key)!r} vs "
+                                 f"{other.get(key)!r}")
+    seeds = [s for r in results for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cannot merge evaluations that share seeds: {sorted(seeds)}")
+    order = {prompt: i for i, prompt in enumerate(first["prompts"])}
+    key = lambda record: (order[record["prompt"]], record["seed"])  # noqa: E731 (evaluate's own order)
+    records = {variant: sorted((rec for r in results for rec in r["per_clip"][variant]), key=key)
+               for variant in ("vanilla", "broadway")}
+    records.update(reference_records(first["prompts"], sorted(seeds), first["generation"]["num_frames"]))
+    seconds = {v: sum(r["seconds"][v] for r in results) for v in ("vanilla", "broadway")}
+    return {**{k: first[k] for k in MERGE_MUST_MATCH}, "seeds": sorted(seeds), "seconds": seconds,
+            **summarise(records), "per_clip": records}
 
 
 def _short(stats: dict[str, Any]) -> str:
@@ -99,8 +142,10 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = [("vanilla", result["means"]["vanilla"]), ("BroadWay", result["means"]["broadway"]),
             ("BroadWay - vanilla", result["broadway_minus_vanilla"]),
             ("world clips (reference)", result["means"]["reference"]), ("still clips", result["means"]["static"])]
+    sem = result.get("broadway_minus_vanilla_sem", {})
     for name, values in rows:
-        cells = ["—" if values.get(k) is None else f"{values[k]:+.4f}" if "-" in name else f"{values[k]:.4f}"
+        cells = ["—" if values.get(k) is None else f"{values[k]:.4f}" if "-" not in name
+                 else f"{values[k]:+.4f} ± {sem[k]:.4f}" if sem.get(k) is not None else f"{values[k]:+.4f}"
                  for k in TABLE_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -124,7 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     add_broadway_arguments(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="instead of generating: merge evaluations (this "
+                   "command's JSON files) over disjoint seeds with the same settings into --out")
     a = p.parse_args(argv)
+    markdown = a.markdown or (a.out[:-5] if a.out.endswith(".json") else a.out) + ".md"
+    if a.merge:
+        parts = []
+        for path in a.merge:
+            try:
+                with open(path) as f:
+                    parts.append(json.load(f))
+            except (OSError, json.JSONDecodeError) as error:
+                p.error(f"cannot read evaluation {path}: {error}")
+        try:
+            result = merge(parts)
+        except (KeyError, TypeError) as error:
+            p.error(f"not an evaluation written by this command (missing {error})")
+        except ValueError as error:
+            p.error(str(error))
+        write_json_atomic(a.out, result)
+        write_text_atomic(markdown, markdown_table(result))
+        print(markdown_table(result))
+        return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for prompt in a.prompt:
         gen.parse_prompt(prompt)  # fail before loading anything
@@ -136,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     result["pipeline"] = str(a.pipeline or "shipped")
     result["device"], result["dtype"] = device, a.dtype
     write_json_atomic(a.out, result)
-    markdown = a.markdown or (a.out[:-5] if a.out.endswith(".json") else a.out) + ".md"
     write_text_atomic(markdown, markdown_table(result))
     if a.grid:
         from mmattn.eval.video import save_grid
