@@ -3,6 +3,10 @@ decode tokens/s, unpruned (plain sdpa, and mmattn with no method) against TransP
 
 Images are 672x672 (a 2x2 anyres grid: 2,928 image tokens incl. newlines, as LLaVA-NeXT's prompts).
 
+"+ CUDA graphs" rows replay layers 13-32 (after the last pruning layer) as CUDA graphs at prefill: TransPrune with
+``cuda_graphs=True``, and, so that the baseline is treated the same, plain sdpa with the same layers graphed by
+``mmattn.lvlm.graphs.PrefillLayerGraphs``. "first call" is the warm-up generate (2 tokens), which captures the graphs.
+
     python benchmarks/transprune.py --json benchmarks/results/transprune_h200.json --markdown benchmarks/results/transprune_h200.md
 """
 
@@ -36,24 +40,74 @@ def inputs_for(model, batch: int) -> dict:
             "image_sizes": torch.tensor([[672, 672]] * batch).cuda(), "image_tokens": geometry.num_tokens}
 
 
+def graph_unpruned_layers(model, start: int):
+    """Plain sdpa with layers[start:] replayed as CUDA graphs at prefill (the unpruned counterpart of
+    TransPrune(cuda_graphs=True)); returns a function that undoes it."""
+    from mmattn.lvlm.graphs import PrefillLayerGraphs
+
+    layers = model.model.language_model.layers
+    graphs = PrefillLayerGraphs(layers, start).install()
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:
+            graphs.replay(hidden, kwargs)
+
+    hook = layers[start].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def undo():
+        hook.remove()
+        graphs.remove()
+
+    return undo
+
+
 def measure(model, inputs, decode_tokens: int, repeats: int) -> dict:
     inputs = {k: v for k, v in inputs.items() if k != "image_tokens"}
 
-    def run(new_tokens):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+    language_model = model.model.language_model
+    llm_spans = []  # per run: GPU-timeline span of the language model's prefill forward, ms
 
-    run(2)  # warm-up
+    def run(new_tokens):
+        # CUDA events around the language model's first forward: the span on the GPU's timeline from the end of
+        # the vision work to the last prefill kernel, idle gaps included (no synchronisation added).
+        events = []
+
+        def before(module, args, kwargs):
+            if not events:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[0].record()
+
+        def after(module, args, kwargs, output):
+            if len(events) == 1:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[1].record()
+
+        hooks = [language_model.register_forward_pre_hook(before, with_kwargs=True),
+                 language_model.register_forward_hook(after, with_kwargs=True)]
+        try:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+        finally:
+            for hook in hooks:
+                hook.remove()
+        llm_spans.append(events[0].elapsed_time(events[1]) / 1000)
+        return elapsed
+
+    first = run(2)  # warm-up (captures CUDA graphs where used)
     torch.cuda.reset_peak_memory_stats()
+    llm_spans.clear()
     prefill = min(run(1) for _ in range(repeats))
+    llm_prefill = min(llm_spans)
     peak = torch.cuda.max_memory_allocated() / 2**30
     full = min(run(decode_tokens + 1) for _ in range(repeats))
     batch = inputs["input_ids"].shape[0]
-    return {"prefill_s": prefill, "peak_gib": peak, "decode_tokens_per_s": batch * decode_tokens / max(full - prefill, 1e-9)}
+    return {"prefill_s": prefill, "llm_prefill_s": llm_prefill, "first_call_s": first, "peak_gib": peak,
+            "decode_tokens_per_s": batch * decode_tokens / max(full - prefill, 1e-9)}
 
 
 def profile_prefill(model, path: Path) -> None:
@@ -63,10 +117,42 @@ def profile_prefill(model, path: Path) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
+    import functools
+
+    from mmattn.lvlm.methods import transprune as transprune_module
+
+    def annotated(function, name):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    def annotate_module(module, name):
+        handles = {}
+
+        def enter(*_):
+            handles["range"] = torch.ops.profiler._record_function_enter_new(name, None)
+
+        def leave(*_):
+            torch.ops.profiler._record_function_exit._RecordFunction(handles.pop("range"))
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
     inputs = {k: v for k, v in inputs_for(model, 1).items() if k != "image_tokens"}
     report = []
-    for variant in ("sdpa (unpruned)", "TransPrune-High"):
-        handle = mmattn.patch(model, mmattn.TransPrune()) if variant == "TransPrune-High" else None
+    region_hooks = (annotate_module(model.model.vision_tower, "region: vision tower")
+                    + annotate_module(model.model.language_model, "region: language model"))
+    original_score = transprune_module.transition_score
+    transprune_module.transition_score = annotated(original_score, "region: transprune TTV terms")
+    for variant in ("sdpa (unpruned)", "TransPrune-High", "TransPrune-High + CUDA graphs"):
+        handle = None
+        if variant.startswith("TransPrune"):
+            method = mmattn.TransPrune(cuda_graphs=variant.endswith("graphs"))
+            method._scores = annotated(method._scores, "region: transprune IGA + scores")
+            method._prune = annotated(method._prune, "region: transprune prune (incl. scores)")
+            handle = mmattn.patch(model, method)
         try:
             with torch.no_grad():
                 for _ in range(2):
@@ -86,10 +172,22 @@ def profile_prefill(model, path: Path) -> None:
                 handle.remove()
         report.append(f"===== {variant}: {sum(sites.values())} synchronising calls")
         report += [f"{count:5d}  {site}" for site, count in sites.most_common(40)]
+        events = prof.key_averages()
+        report.append(f"kernel time {sum(e.self_device_time_total for e in events if not e.key.startswith('region:')) / 1000:.1f} ms; regions "
+                      "(CPU total ms / GPU ms as the profiler attributes it, calls):")
+        report += [f"  {e.key}: {e.cpu_time_total / 1000:.2f} / {e.device_time_total / 1000:.2f} ({e.count})"
+                   for e in events if e.key.startswith("region:")]
         report.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
         report.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    for hook in region_hooks:
+        hook.remove()
+    transprune_module.transition_score = original_score
     path.write_text("\n".join(report))
     print("\n".join(report[:200]))
+
+
+VARIANTS = ("sdpa (unpruned)", "sdpa (unpruned) + CUDA graphs", "mmattn, no method (unpruned)", "TransPrune-High",
+            "TransPrune-High + CUDA graphs")
 
 
 def main() -> None:
@@ -110,14 +208,16 @@ def main() -> None:
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         inputs = inputs_for(model, batch)
-        for variant in ("sdpa (unpruned)", "mmattn, no method (unpruned)", "TransPrune-High"):
+        for variant in VARIANTS:
             gc.collect()
             torch.cuda.empty_cache()
-            handle = None
+            handle, undo = None, None
             if variant.startswith("mmattn"):
                 handle = mmattn.patch(model)
-            elif variant == "TransPrune-High":
-                handle = mmattn.patch(model, mmattn.TransPrune())
+            elif variant.startswith("TransPrune-High"):
+                handle = mmattn.patch(model, mmattn.TransPrune(cuda_graphs=variant.endswith("CUDA graphs")))
+            elif variant.endswith("CUDA graphs"):
+                undo = graph_unpruned_layers(model, max(mmattn.TransPruneConfig().prune_layers))
             try:
                 row = {"variant": variant, "batch": batch, "image_tokens": inputs["image_tokens"],
                        **measure(model, inputs, args.decode_tokens, args.repeats)}
@@ -126,6 +226,8 @@ def main() -> None:
             finally:
                 if handle is not None:
                     handle.remove()
+                if undo is not None:
+                    undo()
             rows.append(row)
             print(json.dumps(row), flush=True)
     gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
@@ -137,14 +239,21 @@ def main() -> None:
     lines = [f"LLaVA-NeXT-7B-shaped (random weights, bf16), one 672x672 image per prompt, {gpu}, {date}. "
              f"TFLOPs (paper accounting, `mmattn.transprune_tflops`): {mmattn.transprune_tflops(2880, prune=False):.2f} "
              f"-> {mmattn.transprune_tflops(2880):.2f}.", "",
-             "| variant | batch | prefill ms | prefill speed-up vs sdpa | peak GiB | decode tok/s |", "|---|---|---|---|---|---|"]
+             "\"prefill\": `generate(max_new_tokens=1)` end to end (vision tower, projector, LLM prefill, first token), "
+             "best of the repeats; \"LLM prefill\": the language model's prefill forward alone, its span on the GPU "
+             "timeline (CUDA events at its start and end; idle gaps included).", "",
+             "| variant | batch | prefill ms | speed-up vs sdpa | LLM prefill ms | LLM speed-up | first call ms | "
+             "peak GiB | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} | | | | | | |")
             continue
         b = base.get(r["batch"])
         speed = f"{b['prefill_s'] / r['prefill_s']:.2f}x" if b else "-"
-        lines.append(f"| {r['variant']} | {r['batch']} | {1000 * r['prefill_s']:.1f} | {speed} | {r['peak_gib']:.2f} | "
+        llm_speed = f"{b['llm_prefill_s'] / r['llm_prefill_s']:.2f}x" if b else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {1000 * r['prefill_s']:.1f} | {speed} | "
+                     f"{1000 * r['llm_prefill_s']:.1f} | {llm_speed} | "
+                     f"{1000 * r['first_call_s']:.0f} | {r['peak_gib']:.2f} | "
                      f"{r['decode_tokens_per_s']:.1f} |")
     Path(args.markdown).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

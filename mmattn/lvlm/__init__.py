@@ -1,5 +1,6 @@
 """transformers integration for LLaVA-family models."""
 
+from .graphs import PrefillLayerGraphs
 from .methods import METHODS, AttentionMethod, create_method, parse_method_spec, register_method
 from .patch import ATTENTION_NAME, SUPPORTED_MODELS, AttentionCall, PatchContext, PatchHandle, patch, register
 
@@ -13,6 +14,7 @@ __all__ = [
     "register",
     "METHODS",
     "AttentionMethod",
+    "PrefillLayerGraphs",
     "create_method",
     "parse_method_spec",
     "register_method",

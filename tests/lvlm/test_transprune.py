@@ -167,3 +167,46 @@ def test_composes_with_attention_edits_and_validates():
         mmattn.TransPrune(prune_layers=(1, 2), keep_ratios=(0.5,))
     with pytest.raises(ValueError, match="layers"):
         mmattn.patch(tiny_llava(layers=3), mmattn.TransPrune())
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_padding_after_the_last_stage_changes_nothing(kind):
+    # pad_multiple left-pads the sequence after the last pruning layer (what lets one CUDA graph serve many prompt
+    # lengths); the padding is masked, so kept tokens, logits and generations equal the unpadded run's.
+    build, make = (tiny_llava, llava_inputs) if kind == "llava" else (tiny_llava_next, llava_next_inputs)
+    model = build(layers=5, seed=13)
+    for inputs in (make(model), select_sample(make(model), 1)):
+        results = []
+        for multiple in (1, 16):
+            method = mmattn.TransPrune(**CFG, pad_multiple=multiple)
+            with torch.no_grad(), mmattn.patch(model, method):
+                logits = model(**inputs).logits[:, -1]
+                kept = [k.clone() for k in method.kept_image_tokens]
+                widths = dict(method._state["widths"])
+                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            results.append((logits, kept, widths, generated))
+        (logits, kept, widths, generated), (padded_logits, padded_kept, padded_widths, padded_generated) = results
+        last = CFG["prune_layers"][-1]
+        assert padded_widths[last] % 16 == 0 and padded_widths[last] > widths[last], "no padding was added"
+        assert padded_widths[last - 1] == widths[last - 1]  # earlier stages are not padded
+        for ours, theirs in zip(padded_kept, kept):
+            assert torch.equal(ours, theirs)
+        torch.testing.assert_close(padded_logits, logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(padded_generated, generated)
+
+
+def test_cuda_graph_option_validates():
+    with pytest.raises(ValueError, match="pad_multiple"):
+        mmattn.TransPrune(pad_multiple=0)
+    assert mmattn.TransPrune(cuda_graphs=True).config.pad_multiple == 32
+    assert mmattn.TransPrune().config.pad_multiple == 1
+    model = tiny_llava(layers=5, seed=13)
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        mmattn.patch(model, mmattn.TransPrune(**CFG, cuda_graphs=True))
+    var = mmattn.VAR(tau=1.6, min_image_mass=0.0, rho=0.0, sink_dims=(3, 17))
+    with pytest.raises(ValueError, match="attention-editing methods \\(var\\)"):
+        mmattn.patch(model, mmattn.TransPrune(**CFG, cuda_graphs=True), var)
+    # A refused patch leaves the model as it was: plain patching still works and no layer keeps a wrapper.
+    assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
+    with torch.no_grad(), mmattn.patch(model, mmattn.TransPrune(**CFG)):
+        model(**llava_inputs(model))

@@ -30,6 +30,7 @@ import torch
 
 from ... import kernels
 from ...edits import AttentionEdit
+from ..graphs import PrefillLayerGraphs
 from .base import AttentionMethod, register_method
 
 
@@ -40,6 +41,13 @@ class TransPruneConfig:
     keep_ratios: tuple[float, ...] = (0.875, 0.625, 0.125)  # of the ORIGINAL image tokens ("TransPrune-High")
     alpha: float = 0.5  # weight of TTV against IGA (paper: 0.5)
     direction: str = "one_minus_cos"  # the code; "one_minus_abs_cos" is the paper's Eq. 2
+    # Speed only, same math: replay the layers after the last pruning/accumulation layer as CUDA graphs at prefill
+    # (batch-1 prefill is host-bound once the sequence is short). Needs a CUDA model, no attention-editing method
+    # alongside, and no output_hidden_states / output_attentions.
+    cuda_graphs: bool = False
+    # Left-pad the sequence after the last pruning layer to a multiple of this many tokens (masked, so the result is
+    # unchanged) so that one graph serves many prompt lengths; None: 32 with cuda_graphs, else 1 (no padding).
+    pad_multiple: int | None = None
 
     def __post_init__(self) -> None:
         self.accumulation_layers = tuple(int(x) for x in self.accumulation_layers)
@@ -55,6 +63,11 @@ class TransPruneConfig:
             raise ValueError(f"TransPrune direction must be 'one_minus_cos' or 'one_minus_abs_cos', got {self.direction!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"TransPrune alpha must lie in [0, 1], got {self.alpha}")
+        if self.pad_multiple is None:
+            self.pad_multiple = 32 if self.cuda_graphs else 1
+        if int(self.pad_multiple) != self.pad_multiple or self.pad_multiple < 1:
+            raise ValueError(f"TransPrune pad_multiple must be a positive integer, got {self.pad_multiple}")
+        self.pad_multiple = int(self.pad_multiple)
 
 
 def transition_score(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
@@ -97,6 +110,7 @@ class TransPrune(AttentionMethod):
                              "layers (pruning needs a later layer to score with)")
         if max(cfg.accumulation_layers, default=0) > len(layers):
             raise ValueError(f"TransPrune accumulation layers {cfg.accumulation_layers} exceed {len(layers)} layers")
+        self._graphs = self._make_graphs(context, layers) if cfg.cuda_graphs else None  # validates before any hook
         self._context = context
         self._layers = layers
         self._rotary = context.language_model.rotary_emb
@@ -109,11 +123,39 @@ class TransPrune(AttentionMethod):
             for name, module in (("x_a", layer.input_layernorm), ("y_a", layer.self_attn),
                                  ("x_f", layer.post_attention_layernorm), ("y_f", layer.mlp)):
                 self._hooks.append(module.register_forward_hook(self._make_capture(number, name)))
+        if self._graphs is not None:
+            self._graphs.install()
+
+    def _make_graphs(self, context, layers) -> PrefillLayerGraphs:
+        cfg = self.config
+        # After the last pruning layer the sequence no longer changes; after the last accumulation layer no capture
+        # hook has to run: from there to the end the prefill is a fixed stack of layers.
+        start = max(max(cfg.prune_layers), max(cfg.accumulation_layers, default=0))
+        if start >= len(layers):
+            raise ValueError(f"TransPrune(cuda_graphs=True) graphs the layers after layer {start}, but the text model "
+                             f"has {len(layers)} layers")
+        editing = [m.name for m in context.methods if m is not self and type(m).edit is not AttentionMethod.edit]
+        if editing:
+            raise ValueError(f"TransPrune(cuda_graphs=True) cannot be combined with attention-editing methods "
+                             f"({', '.join(editing)}): their per-call edits would be frozen into the graph. Use "
+                             "cuda_graphs=False with them.")
+        device = next(layers[start].parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"TransPrune(cuda_graphs=True) needs the model on a CUDA GPU; it is on {device}")
+        return PrefillLayerGraphs(layers, start)
 
     def detach(self, context) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.remove()
+            self._graphs = None
+
+    @property
+    def graph_captures(self) -> int:
+        """How many CUDA graphs this method has captured (one per new padded prompt shape)."""
+        return 0 if getattr(self, "_graphs", None) is None else self._graphs.captures
 
     def begin_request(self, context) -> None:
         self._state = None
@@ -183,6 +225,8 @@ class TransPrune(AttentionMethod):
                     hidden = self._prune(index, hidden, kwargs)
                 kwargs = {**kwargs, "attention_mask": state["mask"],
                           "position_ids": state["position_ids"], "position_embeddings": state["rope"]}
+                if self._graphs is not None and index == self._graphs.start:
+                    self._replay_graph(hidden, kwargs)
             else:
                 kwargs = self._decode_kwargs(index, hidden, kwargs)
             context.sequence_maps[index] = state["map"] if context.step == 0 else context.sequence_maps[index]
@@ -196,6 +240,14 @@ class TransPrune(AttentionMethod):
             return args, kwargs
 
         return hook
+
+    def _replay_graph(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        request = self._context.request_kwargs
+        wanted = [name for name in ("output_hidden_states", "output_attentions") if request.get(name)]
+        if wanted:
+            raise ValueError(f"TransPrune(cuda_graphs=True) cannot return per-layer outputs ({', '.join(wanted)}); "
+                             "use cuda_graphs=False for them")
+        self._graphs.replay(hidden, kwargs)
 
     def _scores(self, index: int, hidden: torch.Tensor, kwargs: dict, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """alpha * TTV + (1 - alpha) * IGA over the current image tokens ([B, L], zero elsewhere)."""
@@ -254,6 +306,8 @@ class TransPrune(AttentionMethod):
         counts = keep.sum(1)
         host_counts = [t + k for t, k in zip(host["text"], host_keep)]
         width = max(host_counts)
+        if stage == len(self.config.prune_layers) - 1:
+            width = -(-width // self.config.pad_multiple) * self.config.pad_multiple
         # Left-padded compaction: sample b's kept positions, in order, right-aligned.
         order = torch.where(keep, torch.arange(keep.shape[1], device=device), keep.shape[1] + torch.arange(keep.shape[1], device=device))
         kept_sorted = order.sort(dim=1).values[:, :width]  # kept first, in order

@@ -1,0 +1,211 @@
+"""CUDA graphs for a run of decoder layers at prefill.
+
+At batch 1 a 7B decoder layer over a few hundred tokens takes less GPU time than Python takes to issue its ~60
+kernels, so once a method has shrunk the sequence (TransPrune keeps 12.5 % of the image tokens after layer 12) the
+prefill waits on the host. :class:`PrefillLayerGraphs` captures ``layers[start:]`` once per input signature (shapes,
+dtypes and the non-tensor arguments) and replays it: one launch instead of ~1,200.
+
+How it plugs in, in the style of accelerate's module hooks: the owner calls :meth:`PrefillLayerGraphs.replay` from
+a forward pre-hook of ``layers[start]`` with the arguments that layer is about to get; the wrapped ``forward`` of
+each graphed layer then hands the graph's output on instead of recomputing it. Only calls that receive exactly the
+tensor that was replayed are passed through, so every other call (decode steps, other requests) runs eagerly.
+
+The KV cache: inside the graph each layer's ``cache.update`` goes to a recorder, so the graph holds the prompt's
+keys and values in static buffers; after a replay they are copied into the request's own cache layer by layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 says `cache`, earlier 5.x `past_key_values`
+
+
+class _KeyValueRecorder:
+    """Stands in for the cache inside a capture: at prefill a layer's cache is exactly its new keys and values."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        self.entries[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+def _signature(value: Any) -> Any:
+    """What a captured graph is specialised on: tensor shapes/dtypes/devices and the values of everything else."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _signature(v)) for k, v in sorted(value.items())))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", type(value).__qualname__, id(value))
+
+
+def _clone_tree(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tree(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    return value
+
+
+def _copy_tree(destination: Any, source: Any) -> None:
+    if isinstance(destination, torch.Tensor):
+        destination.copy_(source)
+    elif isinstance(destination, (tuple, list)):
+        for d, s in zip(destination, source):
+            _copy_tree(d, s)
+    elif isinstance(destination, dict):
+        for key in destination:
+            _copy_tree(destination[key], source[key])
+
+
+class _Captured:
+    def __init__(self, graph, static_hidden, static_kwargs, output, recorder) -> None:
+        self.graph = graph
+        self.static_hidden = static_hidden
+        self.static_kwargs = static_kwargs
+        self.output = output
+        self.recorder = recorder
+
+
+class PrefillLayerGraphs:
+    """Replays ``layers[start:]`` of a transformers decoder as CUDA graphs, one per input signature.
+
+    Args:
+        layers: the decoder's layers (``language_model.layers``); each must return its hidden states as a tensor
+            (transformers 5).
+        start: index of the first graphed layer; the graphed run goes to the last layer.
+        max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], start: int, max_graphs: int = 8) -> None:
+        layers = list(layers)
+        if not 0 <= start < len(layers):
+            raise ValueError(f"graphed layers must start at one of the {len(layers)} layers, got {start}")
+        self.layers = layers[start:]
+        self.start = start
+        self.max_graphs = max_graphs
+        self.captures = 0  # graphs captured so far (a new input signature each)
+        self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
+        self._originals: list = []
+        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None  # (replayed input, graph output)
+
+    # ------------------------------------------------------------------------------------------ install
+    def install(self) -> "PrefillLayerGraphs":
+        if self._originals:
+            return self
+        for layer in self.layers:
+            if hasattr(layer, "_hf_hook"):
+                raise ValueError("CUDA graphs need every graphed layer on one GPU; this model has accelerate hooks "
+                                 "(device_map offloading or several devices). Load it on a single GPU.")
+        for position, layer in enumerate(self.layers):
+            original = layer.forward
+            self._originals.append(original)
+            layer.forward = functools.partial(self._forward, position, original)
+        return self
+
+    def remove(self) -> None:
+        for layer, original in zip(self.layers, self._originals):
+            wrapped = layer.__dict__.get("forward")
+            if isinstance(wrapped, functools.partial) and wrapped.func == self._forward:
+                del layer.forward
+        self._originals = []
+        self._graphs.clear()
+        self._armed = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _forward(self, position: int, original, *args: Any, **kwargs: Any):
+        armed = self._armed
+        if armed is not None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is (armed[0] if position == 0 else armed[1]):
+                if position == len(self.layers) - 1:
+                    self._armed = None
+                return armed[1]
+        return original(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- replay
+    def replay(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Run the graphed layers on ``hidden`` with the keyword arguments ``layers[start]`` is about to get.
+
+        The output is handed on by the layers' own calls (pass ``hidden`` itself to ``layers[start]``); the cache
+        in ``kwargs`` receives every graphed layer's keys and values."""
+        if not self._originals:
+            raise RuntimeError("PrefillLayerGraphs.replay needs install() first")
+        if not hidden.is_cuda:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got hidden states on {hidden.device}")
+        if torch.is_grad_enabled():
+            raise RuntimeError("CUDA-graphed prefill runs under torch.no_grad() or torch.inference_mode() only "
+                               "(generate() does this); call the model inside one of them")
+        self._armed = None
+        names = [n for n in _CACHE_ARGUMENTS if n in kwargs]
+        cache = kwargs[names[0]] if names else None
+        if cache is not None and not hasattr(cache, "layers"):
+            raise TypeError(f"CUDA-graphed prefill supports transformers' layered caches (DynamicCache), got "
+                            f"{type(cache).__name__}")
+        inputs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
+        key = _signature((hidden, inputs, names[0] if names else None))
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._capture(hidden, inputs, names[0] if names else None)
+            self._graphs[key] = captured
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+            captured.static_hidden.copy_(hidden)
+            _copy_tree(captured.static_kwargs, inputs)
+        captured.graph.replay()
+        if cache is not None:
+            for layer_idx in sorted(captured.recorder.entries):
+                keys, values = captured.recorder.entries[layer_idx]
+                # Copies: the static buffers are overwritten by the next replay.
+                cache.update(keys.clone(), values.clone(), layer_idx)
+        self._armed = (hidden, captured.output.clone())
+
+    def _capture(self, hidden: torch.Tensor, inputs: dict[str, Any], cache_name: str | None) -> _Captured:
+        static_hidden = hidden.clone()
+        static_kwargs = _clone_tree(inputs)
+        recorder = _KeyValueRecorder()
+        call_kwargs = dict(static_kwargs)
+        if cache_name is not None:
+            call_kwargs[cache_name] = recorder
+
+        def run() -> torch.Tensor:
+            states = static_hidden
+            for original in self._originals:  # the layers' own forwards: no module hooks inside the graph
+                states = original(states, **call_kwargs)
+                if not isinstance(states, torch.Tensor):
+                    raise TypeError("CUDA-graphed prefill needs decoder layers that return a tensor (transformers 5), "
+                                    f"got {type(states).__name__}")
+            return states
+
+        device = hidden.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()  # warm-up: one-off work (cuBLAS workspaces, Triton compilation) must not land in the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run()
+        self.captures += 1
+        return _Captured(graph, static_hidden, static_kwargs, output, recorder)
+
+
+__all__ = ["PrefillLayerGraphs"]

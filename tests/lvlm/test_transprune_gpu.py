@@ -1,0 +1,124 @@
+"""CUDA-graphed prefill (``TransPrune(cuda_graphs=True)``, ``PrefillLayerGraphs``) against the eager path on a GPU.
+
+Opt in with ``pytest -m gpu``. The graphs replay the same kernels as the eager layers, so results must agree to
+rounding; the tests also check that one graph serves prompts of different lengths and that the KV cache each
+graphed layer leaves behind is the eager one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import mmattn
+from mmattn.lvlm.graphs import PrefillLayerGraphs
+from mmattn.testing import llava_next_inputs, select_sample, tiny_llava_next
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="Triton interpreter is on in this process"),
+]
+
+CFG = dict(accumulation_layers=(1, 2, 3), prune_layers=(1, 3), keep_ratios=(0.6, 0.2))
+
+
+def on_cuda(inputs: dict) -> dict:
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def run(model, method, inputs, new_tokens=5):
+    captured = {}
+
+    def keep_cache(module, args, kwargs, output):
+        captured.setdefault("cache", kwargs.get("cache", kwargs.get("past_key_values")))
+
+    hook = model.model.language_model.register_forward_hook(keep_cache, with_kwargs=True)
+    try:
+        with torch.no_grad(), mmattn.patch(model, method):
+            logits = model(**inputs).logits[:, -1]
+            kept = [k.clone() for k in method.kept_image_tokens]
+            captured.clear()
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                                 output_scores=True)
+    finally:
+        hook.remove()
+    cache = captured["cache"]
+    lengths = [layer.keys.shape[-2] for layer in cache.layers]
+    return logits, kept, out.sequences, torch.stack(out.scores), lengths, cache
+
+
+@pytest.mark.parametrize("batch", ["single", "padded"])
+def test_graphed_transprune_equals_eager(batch):
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    inputs = llava_next_inputs(model)
+    inputs = on_cuda(select_sample(inputs, 1) if batch == "single" else inputs)
+    eager = run(model, mmattn.TransPrune(**CFG, pad_multiple=32), inputs)
+    method = mmattn.TransPrune(**CFG, cuda_graphs=True)
+    graphed = run(model, method, inputs)
+    assert method.graph_captures == 1  # captured at the first prefill, replayed by generate's
+    torch.testing.assert_close(graphed[0], eager[0], atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(graphed[1], eager[1]):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(graphed[2], eager[2])
+    torch.testing.assert_close(graphed[3], eager[3], atol=1e-5, rtol=1e-5)
+    assert graphed[4] == eager[4] and len(set(graphed[4])) > 1  # per-layer lengths: pruned layers hold fewer
+    for ours, theirs in zip(graphed[5].layers, eager[5].layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_one_graph_serves_prompts_of_nearby_lengths():
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    base = select_sample(llava_next_inputs(model, text_lengths=(3, 3, 3)), 0)
+    method = mmattn.TransPrune(**CFG, cuda_graphs=True)
+    with torch.no_grad(), mmattn.patch(model, method):
+        outputs = []
+        for extra in (0, 1, 2):  # one to three more instruction tokens: the same padded width
+            ids = torch.cat([base["input_ids"], torch.full((1, extra), 7)], 1)
+            sample = on_cuda({**base, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            outputs.append(model(**sample).logits[:, -1])
+        assert method.graph_captures == 1
+    for extra, graphed in zip((0, 1, 2), outputs):
+        ids = torch.cat([base["input_ids"], torch.full((1, extra), 7)], 1)
+        sample = on_cuda({**base, "input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        with torch.no_grad(), mmattn.patch(model, mmattn.TransPrune(**CFG, pad_multiple=32)):
+            torch.testing.assert_close(graphed, model(**sample).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_layer_graphs_on_an_unpatched_model():
+    # The helper knows nothing about methods: graph the last layers of a plain sdpa model.
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    inputs = on_cuda(select_sample(llava_next_inputs(model), 0))
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                  output_scores=True)
+    layers = model.model.language_model.layers
+    graphs = PrefillLayerGraphs(layers, start=2).install()
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:
+            graphs.replay(hidden, kwargs)
+
+    hook = layers[2].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                got = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                     output_scores=True)
+    finally:
+        hook.remove()
+        graphs.remove()
+    assert graphs.captures == 1
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), atol=1e-5, rtol=1e-5)
+    assert all("forward" not in vars(layer) for layer in layers)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        graphs = PrefillLayerGraphs(layers, start=2).install()
+        try:
+            graphs.replay(torch.zeros(1, 4, model.config.text_config.hidden_size, device="cuda"), {})
+        finally:
+            graphs.remove()
