@@ -72,9 +72,12 @@ class TransPruneConfig:
 
 def transition_score(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
     """One sub-block's TTV term per token: |y|/|x| times a per-sample softmax of exp(1 - cos) over real tokens."""
+    # fp32 throughout, in few passes over the [B, L, D] states: two norms and one batched row dot product
+    # (cosine_similarity would materialise several more fp32 tensors of that size).
     x, y = x.float(), y.float()
-    magnitude = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
-    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+    x_norm, y_norm = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    magnitude = y_norm / x_norm.clamp_min(1e-12)
+    cos = torch.einsum("...d,...d->...", x, y) / (x_norm * y_norm).clamp_min(1e-12)
     change = 1.0 - (cos.abs() if direction == "one_minus_abs_cos" else cos)
     share = torch.softmax(change.masked_fill(~valid, float("-inf")), dim=-1)
     return magnitude * share
@@ -149,13 +152,15 @@ class TransPrune(AttentionMethod):
             hook.remove()
         self._hooks = []
         if getattr(self, "_graphs", None) is not None:
+            self._earlier_captures = self.graph_captures
             self._graphs.remove()
             self._graphs = None
 
     @property
     def graph_captures(self) -> int:
-        """How many CUDA graphs this method has captured (one per new padded prompt shape)."""
-        return 0 if getattr(self, "_graphs", None) is None else self._graphs.captures
+        """How many CUDA graphs this method has captured (one per new padded prompt shape), across patches."""
+        live = 0 if getattr(self, "_graphs", None) is None else self._graphs.captures
+        return getattr(self, "_earlier_captures", 0) + live
 
     def begin_request(self, context) -> None:
         self._state = None
