@@ -19,6 +19,13 @@ TTV softmax runs over each sample's real tokens (the code sums over the whole ba
 several images per sample form one pool (T3); fp32 scores (the code uses fp16); nothing is computed during decode
 (T11). ``direction="one_minus_abs_cos"`` gives the paper's Eq. 2 instead of the code's ``1 - cos`` (T9).
 The final hidden states, and so ``model(...).logits``, cover the compacted sequence.
+
+Speed: ``cuda_graphs=True`` replays the layers after the last pruning (and accumulation) layer as CUDA graphs at
+prefill (:class:`mmattn.lvlm.graphs.PrefillLayerGraphs`), one graph per padded prompt shape: the compacted sequence
+is left-padded to a multiple of ``pad_multiple`` tokens (masked, same results) so prompts of nearby lengths share a
+graph. At batch 1 a 7B layer over the ~400 kept tokens takes less GPU time than Python needs to launch it; the graphs
+make the LLM prefill 1.9-2.0x faster than unpruned sdpa independently of the host's speed (benchmarks/RESULTS.md).
+It needs a CUDA model, no attention-editing method alongside, and no per-layer outputs; otherwise it raises.
 """
 
 from __future__ import annotations
