@@ -11,7 +11,14 @@ each graphed layer then hands the graph's output on instead of recomputing it. O
 tensor that was replayed are passed through, so every other call (decode steps, other requests) runs eagerly.
 
 The KV cache: inside the graph each layer's ``cache.update`` goes to a recorder, so the graph holds the prompt's
-keys and values in static buffers; after a replay they are copied into the request's own cache layer by layer.
+keys and values in static buffers; each graphed layer's call, as it passes the output on, copies its own keys and
+values into the request's cache. A graphed layer that receives anything but the replayed tensor (a hook changed the
+hidden states) raises: its cache and output could no longer be the eager ones.
+
+Limits, each refused with an error: CUDA only, no autograd, no ``torch.autocast`` (its cached weight casts are freed
+when the block exits, while a graph would keep reading them), transformers' ``DynamicCache`` only, no hooks on the
+graphed layers' submodules (they would not run) and no forward hooks on the graphed layers. One request at a time
+per model, like the methods' own state.
 """
 
 from __future__ import annotations
@@ -71,6 +78,12 @@ def _copy_tree(destination: Any, source: Any) -> None:
             _copy_tree(destination[key], source[key])
 
 
+def _foreign_hooks(hooks: dict) -> bool:
+    """Hooks other than transformers' output-capturing ones (inert unless per-layer outputs are requested, which
+    the owner refuses)."""
+    return any(getattr(hook, "__module__", "") != "transformers.utils.output_capturing" for hook in hooks.values())
+
+
 class _Captured:
     def __init__(self, graph, static_hidden, static_kwargs, output, recorder) -> None:
         self.graph = graph
@@ -87,10 +100,12 @@ class PrefillLayerGraphs:
         layers: the decoder's layers (``language_model.layers``); each must return its hidden states as a tensor
             (transformers 5).
         start: index of the first graphed layer; the graphed run goes to the last layer.
-        max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
+        max_graphs: graphs kept (least recently used dropped first). They share one memory pool, but each keeps its
+            prompt's keys and values for every graphed layer (about 50 MB per layer at batch 8 and ~400 tokens on
+            a 7B model).
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], start: int, max_graphs: int = 8) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], start: int, max_graphs: int = 4) -> None:
         layers = list(layers)
         if not 0 <= start < len(layers):
             raise ValueError(f"graphed layers must start at one of the {len(layers)} layers, got {start}")
@@ -101,6 +116,8 @@ class PrefillLayerGraphs:
         self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
         self._originals: list = []
         self._armed: tuple[torch.Tensor, torch.Tensor] | None = None  # (replayed input, graph output)
+        self._pending: tuple[Any, _Captured] | None = None  # (request cache or None, replayed graph)
+        self._pool = None  # one memory pool for all captures (outputs are copied out right after each replay)
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> "PrefillLayerGraphs":
@@ -110,6 +127,8 @@ class PrefillLayerGraphs:
             if hasattr(layer, "_hf_hook"):
                 raise ValueError("CUDA graphs need every graphed layer on one GPU; this model has accelerate hooks "
                                  "(device_map offloading or several devices). Load it on a single GPU.")
+        self._layer_indices = [getattr(getattr(layer, "self_attn", None), "layer_idx", self.start + position)
+                               for position, layer in enumerate(self.layers)]
         for position, layer in enumerate(self.layers):
             original = layer.forward
             self._originals.append(original)
@@ -123,7 +142,8 @@ class PrefillLayerGraphs:
                 del layer.forward
         self._originals = []
         self._graphs.clear()
-        self._armed = None
+        self._armed = self._pending = None
+        self._pool = None
 
     @property
     def num_graphs(self) -> int:
@@ -131,13 +151,25 @@ class PrefillLayerGraphs:
 
     def _forward(self, position: int, original, *args: Any, **kwargs: Any):
         armed = self._armed
-        if armed is not None:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            if hidden is (armed[0] if position == 0 else armed[1]):
-                if position == len(self.layers) - 1:
-                    self._armed = None
-                return armed[1]
-        return original(*args, **kwargs)
+        if armed is None:
+            return original(*args, **kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not (armed[0] if position == 0 else armed[1]):
+            self._armed = self._pending = None
+            raise RuntimeError(
+                f"CUDA-graphed prefill: decoder layer {self.start + position} received hidden states other than the "
+                "ones the graph ran on (a forward hook or pre-hook replaced them); such hooks cannot be combined "
+                "with the graphs")
+        cache, captured = self._pending
+        if cache is not None:
+            layer_idx = self._layer_indices[position]
+            if layer_idx in captured.recorder.entries:
+                keys, values = captured.recorder.entries[layer_idx]
+                # Copies: the static buffers are overwritten by the next replay.
+                cache.update(keys.clone(), values.clone(), layer_idx)
+        if position == len(self.layers) - 1:
+            self._armed = self._pending = None
+        return armed[1]
 
     # ------------------------------------------------------------------------------------------- replay
     def replay(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -145,6 +177,7 @@ class PrefillLayerGraphs:
 
         The output is handed on by the layers' own calls (pass ``hidden`` itself to ``layers[start]``); the cache
         in ``kwargs`` receives every graphed layer's keys and values."""
+        self._armed = self._pending = None
         if not self._originals:
             raise RuntimeError("PrefillLayerGraphs.replay needs install() first")
         if not hidden.is_cuda:
@@ -152,35 +185,49 @@ class PrefillLayerGraphs:
         if torch.is_grad_enabled():
             raise RuntimeError("CUDA-graphed prefill runs under torch.no_grad() or torch.inference_mode() only "
                                "(generate() does this); call the model inside one of them")
-        self._armed = None
+        if torch.is_autocast_enabled("cuda"):
+            raise RuntimeError("CUDA-graphed prefill cannot run under torch.autocast (the graph would keep reading "
+                               "autocast's freed weight copies); load the model in the dtype you want instead")
+        # Inside a graphed layer no hook runs, and a forward hook on a graphed layer would see the run's final
+        # output. Pre-hooks on the layers themselves are the owner's business (TransPrune's rewrite the arguments
+        # and hand the same hidden states on; one that replaces them makes the layer raise, see _forward).
+        hooked = [f"layers.{self.start + position}{'.' + name if name else ''}"
+                  for position, layer in enumerate(self.layers) for name, module in layer.named_modules()
+                  if _foreign_hooks(module._forward_hooks) or (name and _foreign_hooks(module._forward_pre_hooks))]
+        if hooked:
+            raise RuntimeError(f"CUDA-graphed prefill cannot run hooks inside the graphed layers, found some on "
+                               f"{', '.join(hooked[:4])}; remove them or turn the graphs off")
         names = [n for n in _CACHE_ARGUMENTS if n in kwargs]
         cache = kwargs[names[0]] if names else None
-        if cache is not None and not hasattr(cache, "layers"):
-            raise TypeError(f"CUDA-graphed prefill supports transformers' layered caches (DynamicCache), got "
-                            f"{type(cache).__name__}")
+        if cache is not None:
+            from transformers import DynamicCache
+
+            if not isinstance(cache, DynamicCache):
+                raise TypeError(f"CUDA-graphed prefill supports transformers' DynamicCache (generate's default), got "
+                                f"{type(cache).__name__}")
         inputs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
         key = _signature((hidden, inputs, names[0] if names else None))
-        captured = self._graphs.get(key)
-        if captured is None:
-            captured = self._capture(hidden, inputs, names[0] if names else None)
-            self._graphs[key] = captured
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-            captured.static_hidden.copy_(hidden)
-            _copy_tree(captured.static_kwargs, inputs)
-        captured.graph.replay()
-        if cache is not None:
-            for layer_idx in sorted(captured.recorder.entries):
-                keys, values = captured.recorder.entries[layer_idx]
-                # Copies: the static buffers are overwritten by the next replay.
-                cache.update(keys.clone(), values.clone(), layer_idx)
-        self._armed = (hidden, captured.output.clone())
+        with torch.cuda.device(hidden.device):
+            captured = self._graphs.get(key)
+            if captured is None:
+                captured = self._capture(hidden, inputs, names[0] if names else None)
+                self._graphs[key] = captured
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+                captured.static_hidden.copy_(hidden)
+                _copy_tree(captured.static_kwargs, inputs)
+            captured.graph.replay()
+            output = captured.output.clone()
+        self._pending = (cache, captured)
+        self._armed = (hidden, output)
 
     def _capture(self, hidden: torch.Tensor, inputs: dict[str, Any], cache_name: str | None) -> _Captured:
-        static_hidden = hidden.clone()
-        static_kwargs = _clone_tree(inputs)
+        # Ordinary tensors even under inference_mode: a later replay under no_grad copies into them.
+        with torch.inference_mode(False), torch.no_grad():
+            static_hidden = hidden.clone()
+            static_kwargs = _clone_tree(inputs)
         recorder = _KeyValueRecorder()
         call_kwargs = dict(static_kwargs)
         if cache_name is not None:
@@ -202,7 +249,10 @@ class PrefillLayerGraphs:
             run()  # warm-up: one-off work (cuBLAS workspaces, Triton compilation) must not land in the capture
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # thread_local: CUDA calls of other threads (e.g. a DataLoader pinning memory) must not break the capture.
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
             output = run()
         self.captures += 1
         return _Captured(graph, static_hidden, static_kwargs, output, recorder)

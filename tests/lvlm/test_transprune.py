@@ -198,8 +198,13 @@ def test_padding_after_the_last_stage_changes_nothing(kind):
 def test_cuda_graph_option_validates():
     with pytest.raises(ValueError, match="pad_multiple"):
         mmattn.TransPrune(pad_multiple=0)
-    assert mmattn.TransPrune(cuda_graphs=True).config.pad_multiple == 32
-    assert mmattn.TransPrune().config.pad_multiple == 1
+    with pytest.raises(ValueError, match="max_graphs"):
+        mmattn.TransPrune(max_graphs=0)
+    assert mmattn.TransPrune(cuda_graphs=True).config.padding() == 32
+    assert mmattn.TransPrune().config.padding() == 1
+    assert mmattn.TransPrune(cuda_graphs=True, pad_multiple=8).config.padding() == 8
+    # resolved when used, so overriding cuda_graphs on an existing config still pads
+    assert mmattn.TransPrune(mmattn.TransPruneConfig(), cuda_graphs=True).config.padding() == 32
     model = tiny_llava(layers=5, seed=13)
     with pytest.raises(ValueError, match="CUDA GPU"):
         mmattn.patch(model, mmattn.TransPrune(**CFG, cuda_graphs=True))

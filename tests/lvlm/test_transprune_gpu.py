@@ -122,3 +122,49 @@ def test_prefill_layer_graphs_on_an_unpatched_model():
             graphs.replay(torch.zeros(1, 4, model.config.text_config.hidden_size, device="cuda"), {})
         finally:
             graphs.remove()
+
+
+def test_inference_mode_then_no_grad_reuse_the_graph():
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    inputs = on_cuda(select_sample(llava_next_inputs(model), 1))
+    method = mmattn.TransPrune(**CFG, cuda_graphs=True)
+    with mmattn.patch(model, method):
+        with torch.inference_mode():
+            first = model(**inputs).logits[:, -1].clone()
+        with torch.no_grad():
+            second = model(**inputs).logits[:, -1]
+        assert method.graph_captures == 1
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+def test_graphs_refuse_what_they_cannot_honour():
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    inputs = on_cuda(select_sample(llava_next_inputs(model), 1))
+    layers = model.model.language_model.layers
+    with mmattn.patch(model, mmattn.TransPrune(**CFG, cuda_graphs=True)):
+        with pytest.raises(RuntimeError, match="autocast"), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            model(**inputs)
+        with pytest.raises(RuntimeError, match="no_grad"):
+            model(**inputs)
+        with torch.no_grad():
+            with pytest.raises(ValueError, match="output_hidden_states"):
+                model(**inputs, output_hidden_states=True)
+            model.config.text_config.output_hidden_states = True
+            try:
+                with pytest.raises(ValueError, match="output_hidden_states"):
+                    model(**inputs)
+            finally:
+                model.config.text_config.output_hidden_states = False
+            hook = layers[4].mlp.register_forward_hook(lambda module, args, output: None)
+            try:
+                with pytest.raises(RuntimeError, match=r"hooks inside the graphed layers.*layers\.4\.mlp"):
+                    model(**inputs)
+            finally:
+                hook.remove()
+            hook = layers[4].register_forward_pre_hook(lambda module, args: (args[0] + 0,) + args[1:])
+            try:
+                with pytest.raises(RuntimeError, match="decoder layer 4 received hidden states"):
+                    model(**inputs)
+            finally:
+                hook.remove()
+            model(**inputs)  # and it recovers

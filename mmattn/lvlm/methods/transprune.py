@@ -55,6 +55,7 @@ class TransPruneConfig:
     # Left-pad the sequence after the last pruning layer to a multiple of this many tokens (masked, so the result is
     # unchanged) so that one graph serves many prompt lengths; None: 32 with cuda_graphs, else 1 (no padding).
     pad_multiple: int | None = None
+    max_graphs: int = 4  # graphs kept, least recently used dropped first (each holds its prompt's KV for its layers)
 
     def __post_init__(self) -> None:
         self.accumulation_layers = tuple(int(x) for x in self.accumulation_layers)
@@ -70,11 +71,19 @@ class TransPruneConfig:
             raise ValueError(f"TransPrune direction must be 'one_minus_cos' or 'one_minus_abs_cos', got {self.direction!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"TransPrune alpha must lie in [0, 1], got {self.alpha}")
-        if self.pad_multiple is None:
-            self.pad_multiple = 32 if self.cuda_graphs else 1
-        if int(self.pad_multiple) != self.pad_multiple or self.pad_multiple < 1:
-            raise ValueError(f"TransPrune pad_multiple must be a positive integer, got {self.pad_multiple}")
-        self.pad_multiple = int(self.pad_multiple)
+        if self.pad_multiple is not None:  # None is resolved by padding(), so that replace(cuda_graphs=...) works
+            if int(self.pad_multiple) != self.pad_multiple or self.pad_multiple < 1:
+                raise ValueError(f"TransPrune pad_multiple must be a positive integer, got {self.pad_multiple}")
+            self.pad_multiple = int(self.pad_multiple)
+        if int(self.max_graphs) != self.max_graphs or self.max_graphs < 1:
+            raise ValueError(f"TransPrune max_graphs must be a positive integer, got {self.max_graphs}")
+        self.max_graphs = int(self.max_graphs)
+
+    def padding(self) -> int:
+        """The multiple the sequence after the last pruning layer is padded to."""
+        if self.pad_multiple is not None:
+            return self.pad_multiple
+        return 32 if self.cuda_graphs else 1
 
 
 def transition_score(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, direction: str) -> torch.Tensor:
@@ -152,7 +161,7 @@ class TransPrune(AttentionMethod):
         device = next(layers[start].parameters()).device
         if device.type != "cuda":
             raise ValueError(f"TransPrune(cuda_graphs=True) needs the model on a CUDA GPU; it is on {device}")
-        return PrefillLayerGraphs(layers, start)
+        return PrefillLayerGraphs(layers, start, max_graphs=cfg.max_graphs)
 
     def detach(self, context) -> None:
         for hook in self._hooks:
@@ -254,8 +263,11 @@ class TransPrune(AttentionMethod):
         return hook
 
     def _replay_graph(self, hidden: torch.Tensor, kwargs: dict) -> None:
-        request = self._context.request_kwargs
-        wanted = [name for name in ("output_hidden_states", "output_attentions") if request.get(name)]
+        # transformers collects per-layer outputs when the call or the config asks for them.
+        context = self._context
+        names = ("output_hidden_states", "output_attentions")
+        wanted = sorted({name for name in names if context.request_kwargs.get(name) or any(
+            getattr(config, name, False) for config in (context.language_model.config, context.model.config))})
         if wanted:
             raise ValueError(f"TransPrune(cuda_graphs=True) cannot return per-layer outputs ({', '.join(wanted)}); "
                              "use cuda_graphs=False for them")
@@ -319,7 +331,8 @@ class TransPrune(AttentionMethod):
         host_counts = [t + k for t, k in zip(host["text"], host_keep)]
         width = max(host_counts)
         if stage == len(self.config.prune_layers) - 1:
-            width = -(-width // self.config.pad_multiple) * self.config.pad_multiple
+            multiple = self.config.padding()
+            width = -(-width // multiple) * multiple
         # Left-padded compaction: sample b's kept positions, in order, right-aligned.
         order = torch.where(keep, torch.arange(keep.shape[1], device=device), keep.shape[1] + torch.arange(keep.shape[1], device=device))
         kept_sorted = order.sort(dim=1).values[:, :width]  # kept first, in order
