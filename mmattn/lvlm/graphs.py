@@ -116,7 +116,7 @@ class PrefillLayerGraphs:
         self._graphs: OrderedDict[Any, _Captured] = OrderedDict()
         self._originals: list = []
         self._armed: tuple[torch.Tensor, torch.Tensor] | None = None  # (replayed input, graph output)
-        self._pending: tuple[Any, _Captured] | None = None  # (request cache or None, replayed graph)
+        self._pending: tuple[Any, _Captured, int] | None = None  # (request cache or None, replayed graph, cache_from)
         self._pool = None  # one memory pool for all captures (outputs are copied out right after each replay)
 
     # ------------------------------------------------------------------------------------------ install
@@ -160,23 +160,24 @@ class PrefillLayerGraphs:
                 f"CUDA-graphed prefill: decoder layer {self.start + position} received hidden states other than the "
                 "ones the graph ran on (a forward hook or pre-hook replaced them); such hooks cannot be combined "
                 "with the graphs")
-        cache, captured = self._pending
+        cache, captured, cache_from = self._pending
         if cache is not None:
             layer_idx = self._layer_indices[position]
             if layer_idx in captured.recorder.entries:
                 keys, values = captured.recorder.entries[layer_idx]
                 # Copies: the static buffers are overwritten by the next replay.
-                cache.update(keys.clone(), values.clone(), layer_idx)
+                cache.update(keys[..., cache_from:, :].clone(), values[..., cache_from:, :].clone(), layer_idx)
         if position == len(self.layers) - 1:
             self._armed = self._pending = None
         return armed[1]
 
     # ------------------------------------------------------------------------------------------- replay
-    def replay(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def replay(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache_from: int = 0) -> None:
         """Run the graphed layers on ``hidden`` with the keyword arguments ``layers[start]`` is about to get.
 
         The output is handed on by the layers' own calls (pass ``hidden`` itself to ``layers[start]``); the cache
-        in ``kwargs`` receives every graphed layer's keys and values."""
+        in ``kwargs`` receives every graphed layer's keys and values from sequence position ``cache_from`` on
+        (an owner that left-padded the sequence for the graph's sake drops that padding from the cache)."""
         self._armed = self._pending = None
         if not self._originals:
             raise RuntimeError("PrefillLayerGraphs.replay needs install() first")
@@ -220,7 +221,7 @@ class PrefillLayerGraphs:
                 _copy_tree(captured.static_kwargs, inputs)
             captured.graph.replay()
             output = captured.output.clone()
-        self._pending = (cache, captured)
+        self._pending = (cache, captured, cache_from)
         self._armed = (hidden, output)
 
     def _capture(self, hidden: torch.Tensor, inputs: dict[str, Any], cache_name: str | None) -> _Captured:

@@ -55,19 +55,23 @@ def test_graphed_transprune_equals_eager(batch):
     model = tiny_llava_next(layers=6, seed=13).cuda()
     inputs = llava_next_inputs(model)
     inputs = on_cuda(select_sample(inputs, 1) if batch == "single" else inputs)
-    eager = run(model, mmattn.TransPrune(**CFG, pad_multiple=32), inputs)
+    padded = run(model, mmattn.TransPrune(**CFG, pad_multiple=32), inputs)  # the graphs' own padding, eager
+    plain = run(model, mmattn.TransPrune(**CFG), inputs)  # no padding at all
     method = mmattn.TransPrune(**CFG, cuda_graphs=True)
     graphed = run(model, method, inputs)
     assert method.graph_captures == 1  # captured at the first prefill, replayed by generate's
-    torch.testing.assert_close(graphed[0], eager[0], atol=1e-5, rtol=1e-5)
-    for ours, theirs in zip(graphed[1], eager[1]):
+    torch.testing.assert_close(graphed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(graphed[0], plain[0], atol=1e-4, rtol=1e-4)
+    for ours, theirs in zip(graphed[1], plain[1]):
         assert torch.equal(ours, theirs)
-    assert torch.equal(graphed[2], eager[2])
-    torch.testing.assert_close(graphed[3], eager[3], atol=1e-5, rtol=1e-5)
-    assert graphed[4] == eager[4] and len(set(graphed[4])) > 1  # per-layer lengths: pruned layers hold fewer
-    for ours, theirs in zip(graphed[5].layers, eager[5].layers):
-        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(graphed[2], plain[2]) and torch.equal(graphed[2], padded[2])
+    torch.testing.assert_close(graphed[3], plain[3], atol=1e-4, rtol=1e-4)
+    # The graphed layers' caches hold no padding: per-layer lengths and contents are the unpadded run's.
+    assert graphed[4] == plain[4] and len(set(graphed[4])) > 1  # pruned layers hold fewer
+    assert sum(padded[4]) > sum(plain[4])  # (the eager padded run keeps its padding in the cache)
+    for ours, theirs in zip(graphed[5].layers, plain[5].layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-4, rtol=1e-4)
 
 
 def test_one_graph_serves_prompts_of_nearby_lengths():

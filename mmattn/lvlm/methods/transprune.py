@@ -250,11 +250,14 @@ class TransPrune(AttentionMethod):
                     self._replay_graph(hidden, kwargs)
             else:
                 kwargs = self._decode_kwargs(index, hidden, kwargs)
-            context.sequence_maps[index] = state["map"] if context.step == 0 else context.sequence_maps[index]
             if context.step == 0:
+                # Graphed layers keep no padding columns in their KV cache (the graph drops the ones it added),
+                # so their decode steps see exactly the eager, unpadded cache.
+                trim = state["cache_trim"] if self._graphs is not None and index >= self._graphs.start else 0
+                context.sequence_maps[index] = state["map"][:, trim:] if trim else state["map"]
                 state["removed"][index] = state["removed_now"]
-                state["masks"][index] = state["mask"]
-                state["widths"][index] = hidden.shape[1]
+                state["masks"][index] = state["cache_mask"] if trim else state["mask"]
+                state["widths"][index] = hidden.shape[1] - trim
             args = (hidden, *args[1:]) if args else args
             if not args:
                 kwargs["hidden_states"] = hidden
@@ -271,7 +274,7 @@ class TransPrune(AttentionMethod):
         if wanted:
             raise ValueError(f"TransPrune(cuda_graphs=True) cannot return per-layer outputs ({', '.join(wanted)}); "
                              "use cuda_graphs=False for them")
-        self._graphs.replay(hidden, kwargs)
+        self._graphs.replay(hidden, kwargs, cache_from=self._state["cache_trim"])
 
     def _scores(self, index: int, hidden: torch.Tensor, kwargs: dict, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """alpha * TTV + (1 - alpha) * IGA over the current image tokens ([B, L], zero elsewhere)."""
@@ -329,10 +332,10 @@ class TransPrune(AttentionMethod):
         keep = valid & (~image | (rank < keep_counts[:, None]))
         counts = keep.sum(1)
         host_counts = [t + k for t, k in zip(host["text"], host_keep)]
-        width = max(host_counts)
+        width = longest = max(host_counts)
         if stage == len(self.config.prune_layers) - 1:
             multiple = self.config.padding()
-            width = -(-width // multiple) * multiple
+            width = -(-longest // multiple) * multiple
         # Left-padded compaction: sample b's kept positions, in order, right-aligned.
         order = torch.where(keep, torch.arange(keep.shape[1], device=device), keep.shape[1] + torch.arange(keep.shape[1], device=device))
         kept_sorted = order.sort(dim=1).values[:, :width]  # kept first, in order
@@ -347,6 +350,8 @@ class TransPrune(AttentionMethod):
         state["ttv"] = torch.where(new_valid, torch.gather(state["ttv"].to(device), 1, source), torch.zeros_like(source, dtype=torch.float32))
         state["valid"] = new_valid
         state["mask"] = None if all(c == width for c in host_counts) else new_valid
+        state["cache_trim"] = width - longest  # padding columns added only for the graphs' sake
+        state["cache_mask"] = None if all(c == longest for c in host_counts) else new_valid[:, width - longest:]
         host["valid_now"] = host_counts
         positions = (new_valid.long().cumsum(1) - 1).clamp_min(0)
         state["position_ids"] = positions
