@@ -169,16 +169,17 @@ def test_composes_with_attention_edits_and_validates():
         mmattn.patch(tiny_llava(layers=3), mmattn.TransPrune())
 
 
+@pytest.mark.parametrize("multiple", [16, 128])  # 128: wider than the sequence entering the last stage
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_padding_after_the_last_stage_changes_nothing(kind):
+def test_padding_after_the_last_stage_changes_nothing(kind, multiple):
     # pad_multiple left-pads the sequence after the last pruning layer (what lets one CUDA graph serve many prompt
     # lengths); the padding is masked, so kept tokens, logits and generations equal the unpadded run's.
     build, make = (tiny_llava, llava_inputs) if kind == "llava" else (tiny_llava_next, llava_next_inputs)
     model = build(layers=5, seed=13)
     for inputs in (make(model), select_sample(make(model), 1)):
         results = []
-        for multiple in (1, 16):
-            method = mmattn.TransPrune(**CFG, pad_multiple=multiple)
+        for pad in (1, multiple):
+            method = mmattn.TransPrune(**CFG, pad_multiple=pad)
             with torch.no_grad(), mmattn.patch(model, method):
                 logits = model(**inputs).logits[:, -1]
                 kept = [k.clone() for k in method.kept_image_tokens]
@@ -187,7 +188,7 @@ def test_padding_after_the_last_stage_changes_nothing(kind):
             results.append((logits, kept, widths, generated))
         (logits, kept, widths, generated), (padded_logits, padded_kept, padded_widths, padded_generated) = results
         last = CFG["prune_layers"][-1]
-        assert padded_widths[last] % 16 == 0 and padded_widths[last] > widths[last], "no padding was added"
+        assert padded_widths[last] % multiple == 0 and padded_widths[last] > widths[last], "no padding was added"
         assert padded_widths[last - 1] == widths[last - 1]  # earlier stages are not padded
         for ours, theirs in zip(padded_kept, kept):
             assert torch.equal(ours, theirs)
