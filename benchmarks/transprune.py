@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import mmattn
+from mmattn.lvlm.graphs import PrefillLayerGraphs
 from mmattn.testing import llava_next_7b, pad_left
 
 
@@ -38,28 +39,6 @@ def inputs_for(model, batch: int) -> dict:
     pixels = torch.randn(batch, geometry.num_crops, 3, 336, 336, generator=g).to(torch.bfloat16)
     return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.cuda(),
             "image_sizes": torch.tensor([[672, 672]] * batch).cuda(), "image_tokens": geometry.num_tokens}
-
-
-def graph_unpruned_layers(model, start: int):
-    """Plain sdpa with layers[start:] replayed as CUDA graphs at prefill (the unpruned counterpart of
-    TransPrune(cuda_graphs=True)); returns a function that undoes it."""
-    from mmattn.lvlm.graphs import PrefillLayerGraphs
-
-    layers = model.model.language_model.layers
-    graphs = PrefillLayerGraphs(layers, start).install()
-
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] > 1:
-            graphs.replay(hidden, kwargs)
-
-    hook = layers[start].register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        hook.remove()
-        graphs.remove()
-
-    return undo
 
 
 def measure(model, inputs, decode_tokens: int, repeats: int) -> dict:
@@ -221,7 +200,8 @@ def main() -> None:
             elif variant.startswith("TransPrune-High"):
                 handle = mmattn.patch(model, mmattn.TransPrune(cuda_graphs=variant.endswith("CUDA graphs")))
             elif variant.endswith("CUDA graphs"):
-                undo = graph_unpruned_layers(model, max(mmattn.TransPruneConfig().prune_layers))
+                start = max(mmattn.TransPruneConfig().prune_layers)  # the layers TransPrune(cuda_graphs=True) graphs
+                undo = PrefillLayerGraphs(model.model.language_model.layers, start).replay_at_prefill().remove
             try:
                 row = {"variant": variant, "batch": batch, "image_tokens": inputs["image_tokens"],
                        **measure(model, inputs, args.decode_tokens, args.repeats)}

@@ -6,9 +6,11 @@ prefill waits on the host. :class:`PrefillLayerGraphs` captures ``layers[start:]
 dtypes and the non-tensor arguments) and replays it: one launch instead of ~1,200.
 
 How it plugs in, in the style of accelerate's module hooks: the owner calls :meth:`PrefillLayerGraphs.replay` from
-a forward pre-hook of ``layers[start]`` with the arguments that layer is about to get; the wrapped ``forward`` of
-each graphed layer then hands the graph's output on instead of recomputing it. Only calls that receive exactly the
-tensor that was replayed are passed through, so every other call (decode steps, other requests) runs eagerly.
+a forward pre-hook of ``layers[start]`` with the arguments that layer is about to get (or lets
+:meth:`~PrefillLayerGraphs.replay_at_prefill` register one that does so whenever the cache is still empty); the
+wrapped ``forward`` of each graphed layer then hands the graph's output on instead of recomputing it. Only calls that
+receive exactly the tensor that was replayed are passed through, so every other call (decode steps, other requests)
+runs eagerly.
 
 The KV cache: inside the graph each layer's ``cache.update`` goes to a recorder, so the graph holds the prompt's
 keys and values in static buffers; each graphed layer's call, as it passes the output on, copies its own keys and
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,13 +87,13 @@ def _foreign_hooks(hooks: dict) -> bool:
     return any(getattr(hook, "__module__", "") != "transformers.utils.output_capturing" for hook in hooks.values())
 
 
+@dataclass
 class _Captured:
-    def __init__(self, graph, static_hidden, static_kwargs, output, recorder) -> None:
-        self.graph = graph
-        self.static_hidden = static_hidden
-        self.static_kwargs = static_kwargs
-        self.output = output
-        self.recorder = recorder
+    graph: Any  # torch.cuda.CUDAGraph
+    static_hidden: torch.Tensor
+    static_kwargs: dict[str, Any]
+    output: torch.Tensor
+    recorder: _KeyValueRecorder
 
 
 class PrefillLayerGraphs:
@@ -118,6 +121,7 @@ class PrefillLayerGraphs:
         self._armed: tuple[torch.Tensor, torch.Tensor] | None = None  # (replayed input, graph output)
         self._pending: tuple[Any, _Captured, int] | None = None  # (request cache or None, replayed graph, cache_from)
         self._pool = None  # one memory pool for all captures (outputs are copied out right after each replay)
+        self._prefill_hook = None
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> "PrefillLayerGraphs":
@@ -135,7 +139,25 @@ class PrefillLayerGraphs:
             layer.forward = functools.partial(self._forward, position, original)
         return self
 
+    def replay_at_prefill(self) -> "PrefillLayerGraphs":
+        """Replay at every forward whose cache is still empty (a plain model's prefill), from a pre-hook on
+        ``layers[start]`` that :meth:`remove` takes off again. Owners that rewrite the layers' arguments (TransPrune)
+        call :meth:`replay` from their own hook instead."""
+        self.install()
+        if self._prefill_hook is None:
+            def pre_hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cache = next((kwargs[n] for n in _CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
+                if cache is None or cache.get_seq_length(self._layer_indices[0]) == 0:
+                    self.replay(hidden, kwargs)
+
+            self._prefill_hook = self.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return self
+
     def remove(self) -> None:
+        if self._prefill_hook is not None:
+            self._prefill_hook.remove()
+            self._prefill_hook = None
         for layer, original in zip(self.layers, self._originals):
             wrapped = layer.__dict__.get("forward")
             if isinstance(wrapped, functools.partial) and wrapped.func == self._forward:
@@ -144,10 +166,6 @@ class PrefillLayerGraphs:
         self._graphs.clear()
         self._armed = self._pending = None
         self._pool = None
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
 
     def _forward(self, position: int, original, *args: Any, **kwargs: Any):
         armed = self._armed
@@ -206,6 +224,11 @@ class PrefillLayerGraphs:
             if not isinstance(cache, DynamicCache):
                 raise TypeError(f"CUDA-graphed prefill supports transformers' DynamicCache (generate's default), got "
                                 f"{type(cache).__name__}")
+            # Inside the graph a layer attends only to the keys it has just made: right for a prefill only.
+            held = cache.get_seq_length(self._layer_indices[0])
+            if held:
+                raise RuntimeError(f"CUDA-graphed prefill runs on an empty cache only; layer {self._layer_indices[0]}'s "
+                                   f"already holds {held} tokens (decode steps and chunked prefill stay eager)")
         inputs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
         key = _signature((hidden, inputs, names[0] if names else None))
         with torch.cuda.device(hidden.device):

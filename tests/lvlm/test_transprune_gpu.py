@@ -100,21 +100,13 @@ def test_prefill_layer_graphs_on_an_unpatched_model():
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                                   output_scores=True)
     layers = model.model.language_model.layers
-    graphs = PrefillLayerGraphs(layers, start=2).install()
-
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] > 1:
-            graphs.replay(hidden, kwargs)
-
-    hook = layers[2].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    graphs = PrefillLayerGraphs(layers, start=2).replay_at_prefill()
     try:
         with torch.no_grad():
             for _ in range(2):
                 got = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                                      output_scores=True)
     finally:
-        hook.remove()
         graphs.remove()
     assert graphs.captures == 1
     assert torch.equal(got.sequences, expected.sequences)
