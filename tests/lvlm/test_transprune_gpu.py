@@ -164,3 +164,20 @@ def test_graphs_refuse_what_they_cannot_honour():
             finally:
                 hook.remove()
             model(**inputs)  # and it recovers
+
+
+def test_replay_refuses_a_cache_that_already_holds_tokens():
+    # Inside the graph a layer attends only to the keys it has just made, which is a prefill's semantics only.
+    from transformers import DynamicCache
+
+    model = tiny_llava_next(layers=6, seed=13).cuda()
+    hidden_size = model.config.text_config.hidden_size
+    graphs = PrefillLayerGraphs(model.model.language_model.layers, start=2).install()
+    cache = DynamicCache(config=model.config.text_config)
+    keys = torch.zeros(1, 2, 3, hidden_size // 4, device="cuda")
+    cache.update(keys, keys, 2)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="empty cache only.*holds 3 tokens"):
+            graphs.replay(torch.zeros(1, 4, hidden_size, device="cuda"), {"past_key_values": cache})
+    finally:
+        graphs.remove()
